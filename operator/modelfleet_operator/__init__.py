@@ -1,0 +1,1 @@
+"""modelfleet operator: reconciles InferenceModels into engine builds, serving Deployments and autoscaling."""
