@@ -43,7 +43,10 @@ component_pid() {  # pid of a live component of this cluster, or nothing
   return 0
 }
 
+stages="$here/kwok/stages.yaml"
+stages_sum=$(sha256sum "$stages" | cut -c1-16)
 exists() { [ -f "$cdir/kwok.yaml" ]; }
+current() { [ "$(cat "$cdir/stages.sum" 2>/dev/null)" = "$stages_sum" ]; }
 
 healthy() {
   local c
@@ -73,10 +76,13 @@ apply_fleet() {
 cmd_up() {
   local t0=$SECONDS
   ensure_binaries
-  if exists && healthy; then
+  if exists && healthy && current; then
     log "cluster '$name' is already running"
   else
-    if exists; then
+    if exists && ! current; then
+      log "hack/kwok/stages.yaml changed since cluster '$name' was created: recreating it"
+      cmd_down >/dev/null
+    elif exists; then
       log "cluster '$name' exists but is not healthy: recreating it"
       cmd_down >/dev/null
     fi
@@ -91,6 +97,7 @@ cmd_up() {
         --kube-scheduler-binary "$bin/kube-scheduler" \
         --kwok-controller-binary "$bin/kwok" \
         --etcd-binary "$bin/etcd" \
+        --config "$stages" \
         --kubeconfig "$cdir.kubeconfig-merge" \
         --wait 120s 2>&1); then
       printf '%s\n' "$out" >&2
@@ -99,6 +106,7 @@ cmd_up() {
       fi
       die "kwokctl could not create cluster '$name' (output above; logs in $cdir/logs)"
     fi
+    echo "$stages_sum" > "$cdir/stages.sum"
   fi
   apply_fleet
   log "ready in $((SECONDS - t0))s; kubeconfig: $kubeconfig"
