@@ -1,0 +1,342 @@
+"""Build options of `modelfleet build`, shared with the operator: one model, its flags, and their round-trip.
+
+The operator builds `BuildOptions` from the InferenceModel spec and calls `to_args()` to write the build
+Job's command line; the Job parses those flags back with `options_from_namespace`. The two must agree
+exactly (a test pins it), because both sides feed the same options to `engine_key`.
+Only pydantic and the standard library here: the operator image has no ONNX.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from modelfleet_runtime.build import InvalidOptions
+
+Backend = Literal["auto", "onnxruntime", "tensorrt"]
+ResolvedBackend = Literal["onnxruntime", "tensorrt"]
+Precision = Literal["fp32", "fp16", "int8", "fp8"]
+
+BACKENDS: tuple[Backend, ...] = ("auto", "onnxruntime", "tensorrt")
+PRECISIONS: tuple[Precision, ...] = ("fp32", "fp16", "int8", "fp8")
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+# Thresholds used when the spec leaves one unset, by precision: (max_abs, max_rel, min_top1).
+# Absolute error depends on the output's scale, so it is checked only when asked for; the relative
+# error (see accuracy.py: error over the output's largest magnitude) and top-1 agreement are not.
+# Quantized builds are allowed 20% of the output's scale: that passes sound INT8 transformers (MiniLM
+# embeddings: ~11%) and fails broken quantization (errors of the order of the output itself).
+DEFAULT_GATES: dict[str, tuple[float | None, float | None, float | None]] = {
+    "fp32": (None, 1e-3, 0.99),
+    "fp16": (None, 2e-2, 0.99),
+    "int8": (None, 0.2, 0.9),
+    "fp8": (None, 0.2, 0.9),
+}
+
+
+def normalize_sha256(value: str) -> str:
+    """Lower-case hex digest; accepts an optional `sha256:` prefix. Raises ValueError otherwise."""
+    digest = value.strip().lower().removeprefix("sha256:")
+    if not _SHA256.match(digest):
+        raise ValueError(f"not a sha256 hex digest: {value!r}")
+    return digest
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+
+class BatchProfile(_Frozen):
+    """Optimization profile on the batch axis (axis 0 of every input)."""
+
+    min: int = Field(1, ge=1, description="smallest batch the artifact must serve")
+    opt: int = Field(16, ge=1, description="batch size TensorRT tunes for")
+    max: int = Field(32, ge=1, description="largest batch the artifact must serve")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> BatchProfile:
+        if not self.min <= self.opt <= self.max:
+            raise ValueError(f"batch needs min <= opt <= max, got {self.min}/{self.opt}/{self.max}")
+        return self
+
+
+class ShapeRange(_Frozen):
+    """Range of one input's non-batch dimensions (axis 1 onwards), for its dynamic axes."""
+
+    min: tuple[int, ...] = Field(min_length=1)
+    opt: tuple[int, ...] = Field(min_length=1)
+    max: tuple[int, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ShapeRange:
+        if not len(self.min) == len(self.opt) == len(self.max):
+            raise ValueError("shape min, opt and max need the same number of dimensions")
+        for axis, (lo, mid, hi) in enumerate(zip(self.min, self.opt, self.max, strict=True), start=1):
+            if lo < 1 or not lo <= mid <= hi:
+                raise ValueError(f"axis {axis} needs 1 <= min <= opt <= max, got {lo}/{mid}/{hi}")
+        return self
+
+
+class Calibration(_Frozen):
+    """Calibration data: an .npz with one array per model input, [samples, ...]."""
+
+    path: str = Field(min_length=1, description="local path (the operator mounts volumes)")
+    sha256: str | None = Field(None, description="content digest; computed by the build when absent")
+
+    @field_validator("sha256")
+    @classmethod
+    def _digest(cls, value: str | None) -> str | None:
+        return None if value is None else normalize_sha256(value)
+
+
+class ResolvedGate(_Frozen):
+    """Accuracy thresholds after precision defaults; None means that figure is not checked."""
+
+    max_abs_error: float | None
+    max_rel_error: float | None
+    min_top1_agreement: float | None
+    samples: int
+
+
+class AccuracyGate(_Frozen):
+    """What the artifact must match against the FP32 reference; unset thresholds follow DEFAULT_GATES."""
+
+    max_abs_error: float | None = Field(None, ge=0)
+    max_rel_error: float | None = Field(None, ge=0)
+    min_top1_agreement: float | None = Field(None, ge=0, le=1)
+    samples: int = Field(64, ge=1, le=100_000)
+
+    def resolved(self, precision: Precision) -> ResolvedGate:
+        abs_default, rel_default, top1_default = DEFAULT_GATES[precision]
+        return ResolvedGate(
+            max_abs_error=abs_default if self.max_abs_error is None else self.max_abs_error,
+            max_rel_error=rel_default if self.max_rel_error is None else self.max_rel_error,
+            min_top1_agreement=top1_default if self.min_top1_agreement is None else self.min_top1_agreement,
+            samples=self.samples,
+        )
+
+
+class TensorRTOptions(_Frozen):
+    """Knobs of the TensorRT builder; left out of the key on the ONNX Runtime path."""
+
+    builder_optimization_level: int = Field(3, ge=0, le=5)
+    workspace_mib: int | None = Field(None, ge=1, description="memory pool limit; None = TensorRT's default")
+
+
+class OnnxRuntimeOptions(_Frozen):
+    """Knobs of the ONNX Runtime path; left out of the key on the TensorRT path."""
+
+    quantization: Literal["dynamic", "static"] = Field(
+        "dynamic",
+        description="int8 method: dynamic (weights int8, activation ranges at run time; best for MatMul "
+        "models on CPU, needs no data) or static (QDQ, calibrated on --calibration data)",
+    )
+
+
+class BuildOptions(_Frozen):
+    """Everything that shapes an engine besides the model bytes, the architecture and the backend version."""
+
+    backend: Backend = "auto"
+    precision: Precision = "fp32"
+    batch: BatchProfile = BatchProfile()
+    shapes: dict[str, ShapeRange] = Field(default_factory=dict)
+    calibration: Calibration | None = None
+    accuracy: AccuracyGate = AccuracyGate()
+    tensorrt: TensorRTOptions = TensorRTOptions()
+    onnxruntime: OnnxRuntimeOptions = OnnxRuntimeOptions()
+
+    @model_validator(mode="after")
+    def _static_needs_data(self) -> BuildOptions:
+        if self.onnxruntime.quantization == "static" and self.calibration is None:
+            raise ValueError("onnxruntime static quantization needs calibration data (--calibration)")
+        return self
+
+    def with_backend(self, backend: ResolvedBackend) -> BuildOptions:
+        return self.model_copy(update={"backend": backend})
+
+    def with_calibration_digest(self, sha256: str) -> BuildOptions:
+        if self.calibration is None:
+            raise ValueError("no calibration data to attach a digest to")
+        calibration = self.calibration.model_copy(update={"sha256": normalize_sha256(sha256)})
+        return self.model_copy(update={"calibration": calibration})
+
+    def normalized(self) -> dict[str, Any]:
+        """The options as they enter the cache key: resolved, and only what changes or gates the artifact.
+
+        The calibration path is left out (the same data at another path is the same build), its digest
+        is in; the gate enters with its precision defaults filled in; TensorRT knobs only for TensorRT.
+        """
+        if self.backend == "auto":
+            raise ValueError("resolve backend 'auto' before computing the key")
+        if self.calibration is not None and self.calibration.sha256 is None:
+            raise ValueError("the calibration data's sha256 must be known before computing the key")
+        return {
+            "backend": self.backend,
+            "precision": self.precision,
+            "batch": self.batch.model_dump(),
+            "shapes": {name: self.shapes[name].model_dump(mode="json") for name in sorted(self.shapes)},
+            "calibration_sha256": None if self.calibration is None else self.calibration.sha256,
+            "accuracy": self.accuracy.resolved(self.precision).model_dump(),
+            "tensorrt": self.tensorrt.model_dump() if self.backend == "tensorrt" else None,
+            "onnxruntime": self.onnxruntime.model_dump() if self._quantizes_with_onnxruntime() else None,
+        }
+
+    def _quantizes_with_onnxruntime(self) -> bool:
+        return self.backend == "onnxruntime" and self.precision == "int8"
+
+    def to_args(self) -> list[str]:
+        """The `modelfleet build` flags that parse back to exactly these options."""
+        args = ["--backend", self.backend, "--precision", self.precision]
+        args += ["--batch-min", str(self.batch.min), "--batch-opt", str(self.batch.opt)]
+        args += ["--batch-max", str(self.batch.max)]
+        for name in sorted(self.shapes):
+            # `--flag=value`: a value starting with '-' would otherwise read as a flag.
+            args.append(f"--shape={format_shape(name, self.shapes[name])}")
+        if self.calibration is not None:
+            args.append(f"--calibration={self.calibration.path}")
+            if self.calibration.sha256 is not None:
+                args += ["--calibration-sha256", self.calibration.sha256]
+        gate = self.accuracy
+        for flag, value in (
+            ("--max-abs-error", gate.max_abs_error),
+            ("--max-rel-error", gate.max_rel_error),
+            ("--min-top1-agreement", gate.min_top1_agreement),
+        ):
+            if value is not None:
+                args += [flag, repr(float(value))]  # repr round-trips a float exactly
+        args += ["--accuracy-samples", str(gate.samples)]
+        args += ["--trt-optimization-level", str(self.tensorrt.builder_optimization_level)]
+        if self.tensorrt.workspace_mib is not None:
+            args += ["--trt-workspace-mib", str(self.tensorrt.workspace_mib)]
+        args += ["--ort-quantization", self.onnxruntime.quantization]
+        return args
+
+
+def format_shape(name: str, shape: ShapeRange) -> str:
+    """`name=MIN:OPT:MAX`, each a comma-separated list of the non-batch dims, e.g. `input_ids=16:128:256`."""
+    dims = (",".join(str(d) for d in part) for part in (shape.min, shape.opt, shape.max))
+    return f"{name}={':'.join(dims)}"
+
+
+def parse_shape(text: str) -> tuple[str, ShapeRange]:
+    """Inverse of `format_shape`. The name may hold ':' (TensorFlow exports do), so split at the last '='."""
+    name, sep, spec = text.rpartition("=")
+    parts = spec.split(":")
+    if not sep or not name or len(parts) != 3:
+        raise InvalidOptions(f"--shape {text!r}: expected NAME=MIN:OPT:MAX, e.g. input_ids=16:128:256")
+    try:
+        lo, mid, hi = ([int(d) for d in part.split(",")] for part in parts)
+        return name, ShapeRange(min=tuple(lo), opt=tuple(mid), max=tuple(hi))
+    except ValueError as exc:  # ValidationError is a ValueError too
+        raise InvalidOptions(f"--shape {text!r}: {_first_error(exc)}") from exc
+
+
+def add_option_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of `BuildOptions`; defaults stay None so the model's defaults are the only ones."""
+    group = parser.add_argument_group("build options")
+    group.add_argument(
+        "--backend", choices=BACKENDS, help="auto: TensorRT when importable and a GPU is present"
+    )
+    group.add_argument("--precision", choices=PRECISIONS)
+    group.add_argument("--batch-min", type=int, help="batch profile: smallest batch (default 1)")
+    group.add_argument("--batch-opt", type=int, help="batch profile: batch to tune for (default 16)")
+    group.add_argument("--batch-max", type=int, help="batch profile: largest batch (default 32)")
+    group.add_argument(
+        "--shape",
+        action="append",
+        default=None,
+        metavar="NAME=MIN:OPT:MAX",
+        help="range of an input's non-batch dims, comma-separated, e.g. input_ids=16:128:256 (repeatable)",
+    )
+    group.add_argument("--calibration", metavar="PATH", help=".npz with one array per input, [samples, ...]")
+    group.add_argument("--calibration-sha256", metavar="HEX", help="expected sha256 of the calibration file")
+    group.add_argument("--max-abs-error", type=float, help="gate: largest absolute error allowed")
+    group.add_argument(
+        "--max-rel-error", type=float, help="gate: largest error relative to the output's scale"
+    )
+    group.add_argument("--min-top1-agreement", type=float, help="gate: fraction of rows with the same argmax")
+    group.add_argument("--accuracy-samples", type=int, help="gate: number of samples compared (default 64)")
+    group.add_argument("--trt-optimization-level", type=int, help="TensorRT builder optimization level 0-5")
+    group.add_argument("--trt-workspace-mib", type=int, help="TensorRT workspace memory pool limit, MiB")
+    group.add_argument(
+        "--ort-quantization",
+        choices=("dynamic", "static"),
+        help="ONNX Runtime int8 method: dynamic (default, no data) or static QDQ (needs --calibration)",
+    )
+
+
+def options_from_namespace(ns: argparse.Namespace) -> BuildOptions:
+    """Build `BuildOptions` from parsed flags; InvalidOptions names the offending field."""
+    data: dict[str, Any] = {}
+    if ns.backend is not None:
+        data["backend"] = ns.backend
+    if ns.precision is not None:
+        data["precision"] = ns.precision
+    batch = {
+        k: v
+        for k, v in (("min", ns.batch_min), ("opt", ns.batch_opt), ("max", ns.batch_max))
+        if v is not None
+    }
+    if batch:
+        data["batch"] = batch
+    if ns.shape:
+        shapes: dict[str, ShapeRange] = {}
+        for text in ns.shape:
+            name, shape = parse_shape(text)
+            if name in shapes:
+                raise InvalidOptions(f"--shape given twice for input {name!r}")
+            shapes[name] = shape
+        data["shapes"] = shapes
+    if ns.calibration is not None:
+        data["calibration"] = {"path": ns.calibration, "sha256": ns.calibration_sha256}
+    elif ns.calibration_sha256 is not None:
+        raise InvalidOptions("--calibration-sha256 needs --calibration")
+    gate = {
+        key: value
+        for key, value in (
+            ("max_abs_error", ns.max_abs_error),
+            ("max_rel_error", ns.max_rel_error),
+            ("min_top1_agreement", ns.min_top1_agreement),
+            ("samples", ns.accuracy_samples),
+        )
+        if value is not None
+    }
+    if gate:
+        data["accuracy"] = gate
+    trt = {
+        key: value
+        for key, value in (
+            ("builder_optimization_level", ns.trt_optimization_level),
+            ("workspace_mib", ns.trt_workspace_mib),
+        )
+        if value is not None
+    }
+    if trt:
+        data["tensorrt"] = trt
+    if ns.ort_quantization is not None:
+        data["onnxruntime"] = {"quantization": ns.ort_quantization}
+    try:
+        return BuildOptions.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidOptions(f"invalid build options: {_first_error(exc)}") from exc
+
+
+def parse_options(argv: Sequence[str]) -> BuildOptions:
+    """Parse only the option flags (the inverse of `BuildOptions.to_args`)."""
+    parser = argparse.ArgumentParser(prog="modelfleet build", add_help=False)
+    add_option_arguments(parser)
+    return options_from_namespace(parser.parse_args(list(argv)))
+
+
+def _first_error(exc: ValueError) -> str:
+    if isinstance(exc, ValidationError):
+        errors = exc.errors()
+        return "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'options'}: {err['msg']}" for err in errors
+        )
+    return str(exc)

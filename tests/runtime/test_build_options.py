@@ -1,0 +1,194 @@
+"""Build options round-trip through `to_args()`, and the cache key moves with every input and only those."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from modelfleet_runtime.build import InvalidOptions
+from modelfleet_runtime.build.key import engine_key, key_material, normalize_architecture
+from modelfleet_runtime.build.options import (
+    AccuracyGate,
+    BatchProfile,
+    BuildOptions,
+    Calibration,
+    OnnxRuntimeOptions,
+    ShapeRange,
+    TensorRTOptions,
+    parse_options,
+)
+
+DIGEST = "a" * 64
+OTHER_DIGEST = "b" * 64
+
+
+def full_options() -> BuildOptions:
+    return BuildOptions(
+        backend="tensorrt",
+        precision="int8",
+        batch=BatchProfile(min=2, opt=8, max=64),
+        shapes={
+            "input_ids": ShapeRange(min=(16,), opt=(128,), max=(256,)),
+            "image:0": ShapeRange(min=(3, 224, 224), opt=(3, 256, 256), max=(3, 512, 512)),
+            "-odd=name": ShapeRange(min=(1,), opt=(1,), max=(1,)),
+        },
+        calibration=Calibration(path="-data/calib set.npz", sha256="C" * 64),
+        accuracy=AccuracyGate(max_abs_error=0.1, max_rel_error=1e-7, min_top1_agreement=0.995, samples=256),
+        tensorrt=TensorRTOptions(builder_optimization_level=5, workspace_mib=4096),
+        onnxruntime=OnnxRuntimeOptions(quantization="static"),
+    )
+
+
+@pytest.mark.parametrize(
+    "options",
+    [BuildOptions(), full_options(), BuildOptions(backend="onnxruntime", precision="fp16")],
+    ids=["defaults", "everything", "partial"],
+)
+def test_to_args_parses_back_to_the_same_options(options: BuildOptions) -> None:
+    assert parse_options(options.to_args()) == options
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    batch=st.tuples(st.integers(1, 64), st.integers(0, 64), st.integers(0, 64)),
+    threshold=st.floats(min_value=0, max_value=1e6, allow_nan=False, allow_infinity=False),
+    top1=st.floats(min_value=0, max_value=1),
+    dims=st.lists(st.integers(1, 4096), min_size=1, max_size=3),
+    name=st.text(st.characters(codec="ascii", exclude_characters="\x00"), min_size=1, max_size=12),
+)
+def test_round_trip_holds_for_any_valid_values(batch, threshold, top1, dims, name) -> None:
+    low, extra_opt, extra_max = batch
+    options = BuildOptions(
+        batch=BatchProfile(min=low, opt=low + extra_opt, max=low + extra_opt + extra_max),
+        shapes={name: ShapeRange(min=tuple(dims), opt=tuple(dims), max=tuple(d * 2 for d in dims))},
+        accuracy=AccuracyGate(max_abs_error=threshold, min_top1_agreement=top1),
+    )
+    assert parse_options(options.to_args()) == options
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--batch-min", "8", "--batch-opt", "4"], "min <= opt <= max"),
+        (["--shape", "x=16:8:32"], "axis 1"),
+        (["--shape", "x=16:8"], "NAME=MIN:OPT:MAX"),
+        (["--shape", "x=a:b:c"], "--shape"),
+        (["--min-top1-agreement", "1.5"], "min_top1_agreement"),
+        (["--max-abs-error", "-1"], "max_abs_error"),
+        (["--calibration-sha256", "ab"], "needs --calibration"),
+        (["--calibration", "c.npz", "--calibration-sha256", "xyz"], "sha256"),
+        (["--precision", "int8", "--ort-quantization", "static"], "calibration"),
+        (["--trt-optimization-level", "9"], "builder_optimization_level"),
+        (["--shape", "x=1:2:3", "--shape", "x=1:2:3"], "twice"),
+    ],
+)
+def test_invalid_flags_give_an_error_naming_the_field(argv: list[str], needle: str) -> None:
+    with pytest.raises(InvalidOptions, match=None) as info:
+        parse_options(argv)
+    assert needle in str(info.value)
+
+
+def key(**changes: object) -> str:
+    args: dict[str, object] = {
+        "model_digest": DIGEST,
+        "options": BuildOptions(backend="onnxruntime"),
+        "architecture": "sm80",
+        "backend_version": "1.31.1",
+    }
+    args.update(changes)
+    return engine_key(**args)  # type: ignore[arg-type]
+
+
+def test_key_is_stable_for_the_same_inputs() -> None:
+    assert key() == key()
+    assert len(key()) == 64
+    # A fresh, equal options object and an equivalent digest/architecture spelling give the same key.
+    same = key(
+        options=BuildOptions.model_validate({"backend": "onnxruntime"}),
+        model_digest="sha256:" + DIGEST.upper(),
+        architecture="SM_80",
+    )
+    assert same == key()
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"model_digest": OTHER_DIGEST},
+        {"architecture": "sm90"},
+        {"architecture": "cpu"},
+        {"backend_version": "1.31.2"},
+        {"options": BuildOptions(backend="tensorrt")},
+        {"options": BuildOptions(backend="onnxruntime", precision="fp16")},
+        {"options": BuildOptions(backend="onnxruntime", batch=BatchProfile(min=1, opt=8, max=32))},
+        {
+            "options": BuildOptions(
+                backend="onnxruntime", shapes={"x": ShapeRange(min=(1,), opt=(2,), max=(3,))}
+            )
+        },
+        {
+            "options": BuildOptions(
+                backend="onnxruntime", calibration=Calibration(path="c.npz", sha256=DIGEST)
+            )
+        },
+        {"options": BuildOptions(backend="onnxruntime", accuracy=AccuracyGate(max_abs_error=0.5))},
+        {"options": BuildOptions(backend="onnxruntime", accuracy=AccuracyGate(samples=65))},
+    ],
+)
+def test_each_input_changes_the_key(changes: dict[str, object]) -> None:
+    assert key(**changes) != key()
+
+
+def test_key_ignores_what_does_not_shape_the_artifact() -> None:
+    # The calibration path (its digest counts), knobs of the other backend, and a gate spelled with
+    # its precision defaults.
+    with_path = BuildOptions(backend="onnxruntime", calibration=Calibration(path="/a/c.npz", sha256=DIGEST))
+    other_path = BuildOptions(backend="onnxruntime", calibration=Calibration(path="/b/d.npz", sha256=DIGEST))
+    assert key(options=with_path) == key(options=other_path)
+    assert (
+        key(options=BuildOptions(backend="onnxruntime", tensorrt=TensorRTOptions(workspace_mib=64))) == key()
+    )
+    explicit = BuildOptions(
+        backend="onnxruntime", accuracy=AccuracyGate(max_rel_error=1e-3, min_top1_agreement=0.99)
+    )
+    assert key(options=explicit) == key()
+
+
+def test_tensorrt_knobs_change_a_tensorrt_key() -> None:
+    base = BuildOptions(backend="tensorrt")
+    tuned = BuildOptions(backend="tensorrt", tensorrt=TensorRTOptions(builder_optimization_level=5))
+    assert key(options=base) != key(options=tuned)
+
+
+def test_key_needs_resolved_backend_and_calibration_digest() -> None:
+    with pytest.raises(ValueError, match="auto"):
+        key(options=BuildOptions())
+    with pytest.raises(ValueError, match="calibration"):
+        key(options=BuildOptions(backend="onnxruntime", calibration=Calibration(path="c.npz")))
+    with pytest.raises(ValueError, match="sha256"):
+        key(model_digest="not-a-digest")
+    with pytest.raises(ValueError, match="architecture"):
+        key(architecture="ampere")
+
+
+def test_key_material_is_canonical_json() -> None:
+    material = key_material(
+        model_digest=DIGEST, options=full_options(), architecture="sm89", backend_version="10.13.0"
+    )
+    assert '"architecture":"sm89"' in material
+    assert "calib set.npz" not in material  # the path is not content
+    assert normalize_architecture("8.9") == "sm89"
+
+
+def test_operator_side_modules_import_without_onnx_numpy_or_tensorrt() -> None:
+    code = (
+        "import sys\n"
+        "import modelfleet_runtime.build, modelfleet_runtime.build.options, modelfleet_runtime.build.key\n"
+        "heavy = sorted(m for m in ('onnx', 'onnxruntime', 'numpy', 'tensorrt') if m in sys.modules)\n"
+        "print(','.join(heavy))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == ""
