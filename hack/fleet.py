@@ -43,14 +43,18 @@ def node(name: str, *, labels: dict[str, str], gpus: int, taints: list[dict[str,
     }
 
 
-def gpu_node(prefix: str, index: int, *, product: str, major: int, minor: int, gpus: int) -> dict[str, object]:
+def gpu_node(
+    prefix: str, index: int, *, product: str, major: int, minor: int, gpus: int
+) -> dict[str, object]:
     labels = {
         "nvidia.com/gpu.present": "true",
         "nvidia.com/gpu.product": product,
         "nvidia.com/gpu.compute.major": str(major),
         "nvidia.com/gpu.compute.minor": str(minor),
         "nvidia.com/gpu.count": str(gpus),
-        "nvidia.com/gpu.family": {7: "turing", 8: "ampere" if minor == 0 else "ada-lovelace", 9: "hopper"}[major],
+        "nvidia.com/gpu.family": {7: "turing", 8: "ampere" if minor == 0 else "ada-lovelace", 9: "hopper"}[
+            major
+        ],
     }
     # GPU pools are tainted on the big clouds, so workloads must tolerate it to land there.
     taints = [{"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}]

@@ -59,7 +59,9 @@ def classifier_model(path: Path, seed: int = 0) -> Path:
         [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", CLASSES])],
         initializer=inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="modelfleet-tests")
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="modelfleet-tests"
+    )
     return _save(model, path)
 
 
@@ -92,5 +94,7 @@ def two_io_model(path: Path) -> Path:
         ],
         initializer=[axes],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="modelfleet-tests")
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="modelfleet-tests"
+    )
     return _save(model, path)

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import subprocess
+import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER_SH = ROOT / "hack" / "cluster.sh"
@@ -24,26 +29,39 @@ class Cluster:
     def env(self) -> dict[str, str]:
         return {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
 
-    def run(self, tool: str, *args: str, input: str | None = None, check: bool = True,
-            timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run([str(self.bin_dir / tool), *args], input=input, capture_output=True, text=True,
-                              env=self.env, timeout=timeout, check=False)
+    def run(
+        self, tool: str, *args: str, input: str | None = None, check: bool = True, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            [str(self.bin_dir / tool), *args],
+            input=input,
+            capture_output=True,
+            text=True,
+            env=self.env,
+            timeout=timeout,
+            check=False,
+        )
         if check and proc.returncode != 0:
-            raise AssertionError(f"{tool} {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+            raise AssertionError(
+                f"{tool} {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+            )
         return proc
 
-    def kubectl(self, *args: str, input: str | None = None, check: bool = True,
-                timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    def kubectl(
+        self, *args: str, input: str | None = None, check: bool = True, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
         return self.run("kubectl", *args, input=input, check=check, timeout=timeout)
 
-    def helm(self, *args: str, input: str | None = None, check: bool = True,
-             timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    def helm(
+        self, *args: str, input: str | None = None, check: bool = True, timeout: float = 300
+    ) -> subprocess.CompletedProcess[str]:
         return self.run("helm", *args, input=input, check=check, timeout=timeout)
 
 
 def _cluster_sh(*args: str, timeout: float) -> str:
-    proc = subprocess.run(["bash", str(CLUSTER_SH), *args], capture_output=True, text=True, timeout=timeout,
-                          check=False)
+    proc = subprocess.run(
+        ["bash", str(CLUSTER_SH), *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"hack/cluster.sh {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
     return proc.stdout.strip()
@@ -58,10 +76,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[Cluster]:
     """The local cluster: reused when running, otherwise started (and stopped again at the end)."""
-    was_running = subprocess.run(["bash", str(CLUSTER_SH), "status"], capture_output=True, check=False).returncode == 0
+    was_running = (
+        subprocess.run(["bash", str(CLUSTER_SH), "status"], capture_output=True, check=False).returncode == 0
+    )
     # A cold machine builds the Kubernetes binaries first: allow for it.
     _cluster_sh("up", timeout=3600)
-    c = Cluster(kubeconfig=Path(_cluster_sh("kubeconfig", timeout=30)), bin_dir=Path(_cluster_sh("bin-dir", timeout=30)))
+    c = Cluster(
+        kubeconfig=Path(_cluster_sh("kubeconfig", timeout=30)),
+        bin_dir=Path(_cluster_sh("bin-dir", timeout=30)),
+    )
     yield c
     if not was_running and not os.environ.get("MODELFLEET_KEEP_CLUSTER"):
         _cluster_sh("down", timeout=300)
@@ -81,6 +104,158 @@ def inferencemodel_crd(cluster: Cluster) -> Path:
     """The generated InferenceModel CRD, applied and Established."""
     crd = ROOT / "crds" / "inferencemodel.yaml"
     cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crd))
-    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                    "crd/inferencemodels.modelfleet.io")
+    cluster.kubectl(
+        "wait", "--for=condition=Established", "--timeout=60s", "crd/inferencemodels.modelfleet.io"
+    )
     return crd
+
+
+def bound_pvc(cluster: Cluster, namespace: str, claim: str, size: str = "10Gi") -> None:
+    """A PersistentVolumeClaim bound to a pre-made PersistentVolume (no provisioner runs here)."""
+    pv = f"{namespace}-{claim}"[:63]
+    objects = [
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolume",
+            "metadata": {"name": pv, "labels": {"e2e": "true"}},
+            "spec": {
+                "capacity": {"storage": size},
+                "accessModes": ["ReadWriteMany"],
+                "storageClassName": "manual",
+                "persistentVolumeReclaimPolicy": "Delete",
+                "hostPath": {"path": f"/tmp/modelfleet-e2e/{pv}"},
+                "claimRef": {"namespace": namespace, "name": claim},
+            },
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": {"name": claim, "namespace": namespace},
+            "spec": {
+                "accessModes": ["ReadWriteMany"],
+                "storageClassName": "manual",
+                "volumeName": pv,
+                "resources": {"requests": {"storage": size}},
+            },
+        },
+    ]
+    for obj in objects:
+        cluster.kubectl("apply", "-f", "-", input=json.dumps(obj))
+    cluster.kubectl(
+        "-n", namespace, "wait", "--for=jsonpath={.status.phase}=Bound", "--timeout=60s", f"pvc/{claim}"
+    )
+
+
+@pytest.fixture
+def model_namespace(cluster: Cluster, namespace: str) -> str:
+    """A namespace ready for InferenceModels: the engine store and a models volume."""
+    bound_pvc(cluster, namespace, "modelfleet-engines")
+    bound_pvc(cluster, namespace, "models")
+    return namespace
+
+
+class OperatorProcess:
+    """`modelfleet operator` as a local process, authenticated as the Helm chart's ServiceAccount."""
+
+    def __init__(self, cluster: Cluster, kubeconfig: Path, log_path: Path) -> None:
+        self.cluster, self.kubeconfig, self.log_path = cluster, kubeconfig, log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+
+    def start(self) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(self.kubeconfig),
+            "MODELFLEET_OPERATOR_RUNTIME_IMAGE": "ghcr.io/modelfleet/modelfleet-runtime:e2e",
+            "MODELFLEET_OPERATOR_RESYNC_SECONDS": "30",
+        }
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [str(ROOT / ".venv" / "bin" / "modelfleet"), "operator", f"--liveness-port={self.port}"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"the operator exited with {self.proc.returncode}:\n{self.log_path.read_text()[-4000:]}"
+                )
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=2):
+                    return
+            except OSError:
+                time.sleep(0.3)
+        raise RuntimeError(f"the operator did not become healthy:\n{self.log_path.read_text()[-4000:]}")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def service_account_kubeconfig(cluster: Cluster, namespace: str, account: str, path: Path) -> Path:
+    """A kubeconfig that authenticates with a fresh token of `account`: the operator gets exactly its RBAC."""
+    admin = yaml.safe_load(cluster.kubeconfig.read_text())
+    token = cluster.kubectl("-n", namespace, "create", "token", account, "--duration=4h").stdout.strip()
+    context = next(c for c in admin["contexts"] if c["name"] == admin["current-context"])
+    cluster_entry = next(c for c in admin["clusters"] if c["name"] == context["context"]["cluster"])
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "current-context": "sa",
+        "clusters": [{"name": "local", "cluster": cluster_entry["cluster"]}],
+        "users": [{"name": account, "user": {"token": token}}],
+        "contexts": [{"name": "sa", "context": {"cluster": "local", "user": account}}],
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+OPERATOR_NAMESPACE = "modelfleet-system"
+RELEASE = "modelfleet"
+
+
+@pytest.fixture(scope="session")
+def helm_release(cluster: Cluster, inferencemodel_crd: Path) -> str:
+    """The chart installed with the real helm binary (its operator pod is KWOK's; no container runs)."""
+    cluster.helm(
+        "upgrade",
+        "--install",
+        RELEASE,
+        str(ROOT / "helm" / "modelfleet"),
+        "--namespace",
+        OPERATOR_NAMESPACE,
+        "--create-namespace",
+        "--wait",
+        "--timeout",
+        "120s",
+    )
+    return RELEASE
+
+
+@pytest.fixture(scope="session")
+def operator(
+    cluster: Cluster, helm_release: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OperatorProcess]:
+    work = tmp_path_factory.mktemp("operator")
+    kubeconfig = service_account_kubeconfig(cluster, OPERATOR_NAMESPACE, helm_release, work / "kubeconfig")
+    proc = OperatorProcess(cluster, kubeconfig, work / "operator.log")
+    proc.start()
+    yield proc
+    proc.stop()

@@ -8,7 +8,12 @@ import yaml
 
 from tests.e2e.conftest import Cluster
 
-ARCHITECTURES = {"sm75": "Tesla-T4", "sm80": "NVIDIA-A100-SXM4-80GB", "sm89": "NVIDIA-L4", "sm90": "NVIDIA-H100-80GB-HBM3"}
+ARCHITECTURES = {
+    "sm75": "Tesla-T4",
+    "sm80": "NVIDIA-A100-SXM4-80GB",
+    "sm89": "NVIDIA-L4",
+    "sm90": "NVIDIA-H100-80GB-HBM3",
+}
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 
 
@@ -37,7 +42,9 @@ def test_every_gpu_architecture_is_listed_with_its_labels(cluster: Cluster) -> N
     assert len(cpu_only) >= 2
 
 
-def test_a_job_pinned_to_compute_major_9_lands_on_an_h100_and_completes(cluster: Cluster, namespace: str) -> None:
+def test_a_job_pinned_to_compute_major_9_lands_on_an_h100_and_completes(
+    cluster: Cluster, namespace: str
+) -> None:
     job = {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -49,8 +56,14 @@ def test_a_job_pinned_to_compute_major_9_lands_on_an_h100_and_completes(cluster:
                     "restartPolicy": "Never",
                     "nodeSelector": {"nvidia.com/gpu.compute.major": "9"},
                     "tolerations": [GPU_TOLERATION],
-                    "containers": [{"name": "build", "image": "busybox", "command": ["true"],
-                                    "resources": {"limits": {"nvidia.com/gpu": "1"}}}],
+                    "containers": [
+                        {
+                            "name": "build",
+                            "image": "busybox",
+                            "command": ["true"],
+                            "resources": {"limits": {"nvidia.com/gpu": "1"}},
+                        }
+                    ],
                 }
             },
         },
@@ -69,15 +82,27 @@ def test_gpu_nodes_are_tainted_so_untolerating_pods_stay_off_them(cluster: Clust
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": {"name": "no-toleration"},
-        "spec": {"template": {"spec": {
-            "restartPolicy": "Never",
-            "nodeSelector": {"nvidia.com/gpu.compute.major": "9"},
-            "containers": [{"name": "c", "image": "busybox"}],
-        }}},
+        "spec": {
+            "template": {
+                "spec": {
+                    "restartPolicy": "Never",
+                    "nodeSelector": {"nvidia.com/gpu.compute.major": "9"},
+                    "containers": [{"name": "c", "image": "busybox"}],
+                }
+            }
+        },
     }
     cluster.kubectl("-n", namespace, "apply", "-f", "-", input=json.dumps(job))
-    cluster.kubectl("-n", namespace, "wait", "--for=condition=PodScheduled=False", "--timeout=60s", "pod",
-                    "-l", "job-name=no-toleration")
+    cluster.kubectl(
+        "-n",
+        namespace,
+        "wait",
+        "--for=condition=PodScheduled=False",
+        "--timeout=60s",
+        "pod",
+        "-l",
+        "job-name=no-toleration",
+    )
     pod = get_json(cluster, "-n", namespace, "pods", "-l", "job-name=no-toleration")["items"][0]
     assert "nodeName" not in pod["spec"]
 
@@ -90,8 +115,10 @@ def test_a_deployment_of_three_replicas_becomes_available(cluster: Cluster, name
         "spec": {
             "replicas": 3,
             "selector": {"matchLabels": {"app": "web"}},
-            "template": {"metadata": {"labels": {"app": "web"}},
-                         "spec": {"containers": [{"name": "web", "image": "nginx"}]}},
+            "template": {
+                "metadata": {"labels": {"app": "web"}},
+                "spec": {"containers": [{"name": "web", "image": "nginx"}]},
+            },
         },
     }
     cluster.kubectl("-n", namespace, "apply", "-f", "-", input=json.dumps(deployment))
@@ -110,16 +137,34 @@ def test_a_crd_applied_with_kubectl_is_served_and_holds_objects(cluster: Cluster
             "group": "e2e.modelfleet.io",
             "names": {"plural": "widgets", "singular": "widget", "kind": "Widget"},
             "scope": "Namespaced",
-            "versions": [{
-                "name": "v1", "served": True, "storage": True,
-                "schema": {"openAPIV3Schema": {"type": "object", "properties": {
-                    "spec": {"type": "object", "properties": {"size": {"type": "integer", "minimum": 1}}}}}},
-            }],
+            "versions": [
+                {
+                    "name": "v1",
+                    "served": True,
+                    "storage": True,
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "properties": {
+                                "spec": {
+                                    "type": "object",
+                                    "properties": {"size": {"type": "integer", "minimum": 1}},
+                                }
+                            },
+                        }
+                    },
+                }
+            ],
         },
     }
     cluster.kubectl("apply", "-f", "-", input=json.dumps(crd))
     cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/widgets.e2e.modelfleet.io")
-    widget = {"apiVersion": "e2e.modelfleet.io/v1", "kind": "Widget", "metadata": {"name": "w1"}, "spec": {"size": 3}}
+    widget = {
+        "apiVersion": "e2e.modelfleet.io/v1",
+        "kind": "Widget",
+        "metadata": {"name": "w1"},
+        "spec": {"size": 3},
+    }
     cluster.kubectl("-n", namespace, "create", "-f", "-", input=json.dumps(widget))
     got = yaml.safe_load(cluster.kubectl("-n", namespace, "get", "widget", "w1", "-o", "yaml").stdout)
     assert got["spec"] == {"size": 3}
@@ -130,7 +175,8 @@ def test_a_crd_applied_with_kubectl_is_served_and_holds_objects(cluster: Cluster
 
 
 def test_pod_security_admission_rejects_a_privileged_pod_in_a_restricted_namespace(
-        cluster: Cluster, namespace: str) -> None:
+    cluster: Cluster, namespace: str
+) -> None:
     cluster.kubectl("label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted")
     pod = {
         "apiVersion": "v1",
@@ -148,8 +194,17 @@ def test_pod_security_admission_rejects_a_privileged_pod_in_a_restricted_namespa
         "metadata": {"name": "restricted-ok"},
         "spec": {
             "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
-            "containers": [{"name": "c", "image": "busybox", "securityContext": {
-                "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "runAsUser": 1000}}],
+            "containers": [
+                {
+                    "name": "c",
+                    "image": "busybox",
+                    "securityContext": {
+                        "allowPrivilegeEscalation": False,
+                        "capabilities": {"drop": ["ALL"]},
+                        "runAsUser": 1000,
+                    },
+                }
+            ],
         },
     }
     cluster.kubectl("-n", namespace, "apply", "-f", "-", input=json.dumps(ok_pod))

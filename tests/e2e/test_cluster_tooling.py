@@ -14,9 +14,17 @@ from tests.e2e.conftest import CLUSTER_SH, ROOT, Cluster
 BUILD_SH = ROOT / "hack" / "build-binaries.sh"
 
 
-def run(script: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["bash", str(script), *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})}, check=False)
+def run(
+    script: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["bash", str(script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
 
 
 def listening_ports(pids: set[int]) -> set[int]:
@@ -72,13 +80,19 @@ def test_a_port_in_use_is_detected_and_named(cluster: Cluster) -> None:
         s.bind(("127.0.0.1", 0))
         s.listen()
         busy = s.getsockname()[1]
-        proc = run(CLUSTER_SH, "up", env={"MODELFLEET_CLUSTER_NAME": "mf-port-test",
-                                          "MODELFLEET_APISERVER_PORT": str(busy)})
+        proc = run(
+            CLUSTER_SH,
+            "up",
+            env={"MODELFLEET_CLUSTER_NAME": "mf-port-test", "MODELFLEET_APISERVER_PORT": str(busy)},
+        )
     assert proc.returncode != 0
     assert f"port {busy}" in proc.stderr and "already in use" in proc.stderr
     assert f"{os.getpid()}/" in proc.stderr  # names the process that holds it
-    assert not (Path(run(CLUSTER_SH, "kubeconfig", env={"MODELFLEET_CLUSTER_NAME": "mf-port-test"}).stdout.strip())
-                .parent.exists())
+    assert not (
+        Path(
+            run(CLUSTER_SH, "kubeconfig", env={"MODELFLEET_CLUSTER_NAME": "mf-port-test"}).stdout.strip()
+        ).parent.exists()
+    )
 
 
 @pytest.mark.timeout(600)

@@ -1,0 +1,91 @@
+"""kopf decorators only: watch events feed the controller's queue; indices are its caches."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+
+from modelfleet_operator.controller import Controller
+from modelfleet_operator.placement import NodeInfo
+from modelfleet_operator.resources import LABEL_COMPONENT, LABEL_MODEL, SERVING
+
+GROUP, VERSION, PLURAL = "modelfleet.io", "v1alpha1", "inferencemodels"
+OWNED = {LABEL_MODEL: kopf.PRESENT}
+
+
+def register(registry: kopf.OperatorRegistry, controller: Controller) -> None:
+    """Register every handler on `registry`, bound to `controller`."""
+
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        return kopf.login_via_client(**kwargs)
+
+    @kopf.on.startup(registry=registry)
+    async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+        settings.persistence.finalizer = "modelfleet.io/unused"  # no handler needs one; see README
+        settings.posting.level = logging.WARNING
+        settings.scanning.disabled = True  # no CRD/namespace scanning, so no RBAC for it
+        settings.watching.server_timeout = 300
+        settings.networking.request_timeout = 60
+        await controller.start()
+
+    @kopf.on.cleanup(registry=registry)
+    async def cleanup(**_: Any) -> None:
+        await controller.stop()
+
+    @kopf.index(GROUP, VERSION, PLURAL, registry=registry, id="models")
+    def models(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+        return {(namespace, name): dict(body)}
+
+    @kopf.index("", "v1", "nodes", registry=registry, id="nodes")
+    def nodes(body: kopf.Body, **_: Any) -> dict[Any, Any]:
+        node = NodeInfo.from_node(body)
+        return {node.name: node}
+
+    @kopf.index("batch", "v1", "jobs", labels=OWNED, registry=registry, id="jobs")
+    def jobs(namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+        return {(namespace, labels[LABEL_MODEL]): dict(body)}
+
+    @kopf.index(
+        "apps",
+        "v1",
+        "deployments",
+        labels={**OWNED, LABEL_COMPONENT: SERVING},
+        registry=registry,
+        id="deployments",
+    )
+    def deployments(namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+        return {(namespace, labels[LABEL_MODEL]): dict(body)}
+
+    @kopf.index("", "v1", "services", labels=OWNED, registry=registry, id="services")
+    def services(namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+        return {(namespace, labels[LABEL_MODEL]): dict(body)}
+
+    def bind(kwargs: dict[str, Any]) -> None:
+        controller.bind(
+            models=kwargs["models"],
+            nodes=kwargs["nodes"],
+            jobs=kwargs["jobs"],
+            deployments=kwargs["deployments"],
+            services=kwargs["services"],
+        )
+
+    @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
+    def model_event(namespace: str | None, name: str, type: str, **kwargs: Any) -> None:
+        bind(kwargs)
+        if type != "DELETED" and namespace:
+            controller.enqueue((namespace, name))
+
+    @kopf.on.event("batch", "v1", "jobs", labels=OWNED, registry=registry)
+    @kopf.on.event("apps", "v1", "deployments", labels={**OWNED, LABEL_COMPONENT: SERVING}, registry=registry)
+    def child_event(namespace: str | None, labels: kopf.Labels, **kwargs: Any) -> None:
+        bind(kwargs)
+        if namespace:
+            controller.enqueue((namespace, labels[LABEL_MODEL]))
+
+    @kopf.on.event("", "v1", "nodes", registry=registry)
+    def node_event(body: kopf.Body, name: str, type: str, **kwargs: Any) -> None:
+        bind(kwargs)
+        controller.node_changed(None if type == "DELETED" else NodeInfo.from_node(body), name)

@@ -1,0 +1,50 @@
+"""`modelfleet operator`: runs the kopf operator against the cluster KUBECONFIG or the service account names."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+import kopf
+
+from modelfleet_operator.controller import Controller
+from modelfleet_operator.handlers import register
+from modelfleet_operator.k8s import Kube
+from modelfleet_operator.settings import OperatorSettings
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="modelfleet operator", description=__doc__)
+    parser.add_argument(
+        "--namespace",
+        action="append",
+        default=[],
+        help="watch only this namespace (repeatable); default: the whole cluster",
+    )
+    parser.add_argument("--liveness-port", type=int, default=8081, help="port of /healthz (0: off)")
+    parser.add_argument("--verbose", action="store_true", help="debug logging")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    settings = OperatorSettings(**({"namespaces": args.namespace} if args.namespace else {}))
+    controller = Controller(settings, Kube.from_environment())
+    registry = kopf.OperatorRegistry()
+    register(registry, controller)
+    liveness = f"http://0.0.0.0:{args.liveness_port}/healthz" if args.liveness_port else None
+    asyncio.run(
+        kopf.operator(
+            registry=registry,
+            standalone=True,  # one replica with a Recreate strategy; no peering objects to write
+            clusterwide=not settings.namespaces,
+            namespaces=settings.namespaces,
+            liveness_endpoint=liveness,
+        )
+    )
+    return 0

@@ -1,0 +1,480 @@
+"""Decides, without I/O, what one InferenceModel's children and status should be, given what is observed.
+
+The flow per architecture: a build id (see resources.build_identity) names the engine the spec asks for;
+its Job runs once; when it succeeds the Deployment of that architecture rolls to the new engine; until then
+the Deployment that serves the previous engine is left untouched, so a failed build never takes a serving
+version down. Events are derived from the difference between the previous and the new status, so a
+repeated reconcile emits nothing new and writes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from modelfleet_operator.api import Condition, EngineAccuracy, EngineStatus, InferenceModel
+from modelfleet_operator.autoscaler.algorithm import ArchitectureShare, split_across_architectures
+from modelfleet_operator.placement import NodeInfo, discover
+from modelfleet_operator.resources import (
+    ANNOTATION_BUILD_ID,
+    ANNOTATION_ENGINE_KEY,
+    LABEL_ARCH,
+    LABEL_MODEL,
+    build_deployment,
+    build_identity,
+    build_job,
+    build_service,
+    deployment_name,
+    job_name,
+    resolved_backend,
+)
+from modelfleet_operator.settings import OperatorSettings
+
+READY, ENGINES_READY, PROGRESSING, DEGRADED = "Ready", "EnginesReady", "Progressing", "Degraded"
+CONDITION_TYPES = (READY, ENGINES_READY, PROGRESSING, DEGRADED)
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What the cluster holds for one InferenceModel (its own Jobs and Deployments) and the fleet."""
+
+    nodes: Sequence[NodeInfo]
+    jobs: Sequence[Mapping[str, Any]] = ()
+    deployments: Sequence[Mapping[str, Any]] = ()
+    # Parsed termination messages of finished build Jobs, by Job name (see `jobs_awaiting_results`).
+    build_results: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # Replicas the autoscaler wants in all (None: spec.replicas rules).
+    autoscaled_replicas: int | None = None
+
+
+@dataclass(frozen=True)
+class EventSpec:
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class ObjectRef:
+    api_version: str
+    kind: str
+    name: str
+
+
+@dataclass
+class Plan:
+    apply: list[dict[str, Any]] = field(default_factory=list)
+    delete: list[ObjectRef] = field(default_factory=list)
+    status: dict[str, Any] = field(default_factory=dict)
+    events: list[EventSpec] = field(default_factory=list)
+
+
+def _job_state(job: Mapping[str, Any]) -> tuple[str, str, str]:
+    """('Complete' | 'Failed' | 'Running', reason, message) from the Job's conditions."""
+    for cond in (job.get("status") or {}).get("conditions") or []:
+        if cond.get("status") == "True" and cond.get("type") in {"Complete", "Failed"}:
+            return cond["type"], cond.get("reason") or "", cond.get("message") or ""
+    return "Running", "", ""
+
+
+def parse_termination_message(message: str | None) -> dict[str, Any]:
+    """The one-line JSON result `modelfleet build` writes; anything else becomes a plain message."""
+    if not message:
+        return {}
+    try:
+        value = json.loads(message.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return {"message": message.strip()[-1024:]}
+    return value if isinstance(value, dict) else {"message": str(value)}
+
+
+def _previous_engines(im: InferenceModel) -> dict[str, EngineStatus]:
+    return {e.architecture: e for e in im.status.engines}
+
+
+def target_architectures(
+    im: InferenceModel, nodes: Sequence[NodeInfo]
+) -> tuple[dict[str, list[str]], list[str]]:
+    """Architectures to build and serve with their eligible nodes, and pinned ones that have no node."""
+    spec = im.spec
+    found = discover(nodes, spec.serving.placement, gpus=spec.serving.resources.gpu)
+    pinned = list(spec.engine.architectures)
+    if not pinned:
+        return found, []
+    return {a: found[a] for a in pinned if a in found}, [a for a in pinned if a not in found]
+
+
+def jobs_awaiting_results(im: InferenceModel, jobs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Finished build Jobs whose outcome the status does not hold yet: their pods' messages are needed."""
+    known = {(e.architecture, e.build_id) for e in im.status.engines if e.phase in {"Ready", "Failed"}}
+    out = []
+    for job in jobs:
+        meta = job["metadata"]
+        arch = (meta.get("labels") or {}).get(LABEL_ARCH, "")
+        build_id = (meta.get("annotations") or {}).get(ANNOTATION_BUILD_ID, "")
+        if _job_state(job)[0] != "Running" and (arch, build_id) not in known:
+            out.append(meta["name"])
+    return out
+
+
+def _engine(
+    im: InferenceModel, arch: str, build_id: str, exact: bool, observed: Observed, settings: OperatorSettings
+) -> tuple[EngineStatus, bool]:
+    """This architecture's engine for the current build id, and whether its Job must be applied."""
+    name = job_name(im.metadata["name"], arch, build_id)
+    previous = _previous_engines(im).get(arch)
+    if previous is not None and previous.build_id == build_id and previous.phase in {"Ready", "Failed"}:
+        # Sticky: a finished build is not repeated when its Job is garbage-collected (TTL).
+        return previous, False
+    job = next((j for j in observed.jobs if j["metadata"]["name"] == name), None)
+    base = EngineStatus(
+        architecture=arch,
+        build_id=build_id,
+        job=name,
+        key=build_id if exact else "",
+        backend=resolved_backend(im.spec, arch),
+        precision=im.spec.engine.precision,
+    )
+    if job is None:
+        return base.model_copy(update={"phase": "Pending", "message": "build Job created"}), True
+    state, reason, message = _job_state(job)
+    if state == "Running":
+        active = (job.get("status") or {}).get("active", 0)
+        phase = "Building" if active else "Pending"
+        return base.model_copy(
+            update={"phase": phase, "message": "building" if active else "waiting for a node"}
+        ), True
+    result = observed.build_results.get(name, {})
+    if state == "Complete" and result.get("phase") == "Ready" and result.get("key"):
+        accuracy = result.get("accuracy") or {}
+        return base.model_copy(
+            update={
+                "phase": "Ready",
+                "key": str(result["key"]),
+                "backend": result.get("backend") or base.backend,
+                "backend_version": result.get("backendVersion"),
+                "precision": result.get("precision") or base.precision,
+                "build_seconds": result.get("buildSeconds"),
+                "accuracy": EngineAccuracy(
+                    max_abs_error=accuracy.get("maxAbsError"),
+                    max_rel_error=accuracy.get("maxRelError"),
+                    top1_agreement=accuracy.get("top1Agreement"),
+                )
+                if accuracy
+                else None,
+                "message": "cache hit" if result.get("cacheHit") else (result.get("message") or "built"),
+            }
+        ), True
+    if state == "Complete":
+        why = "the build Job succeeded but left no result in its termination message"
+        return base.model_copy(update={"phase": "Failed", "reason": "NoBuildResult", "message": why}), True
+    failure_reason = result.get("reason") or reason or "BuildFailed"
+    failure_message = result.get("message") or message or "the build Job failed"
+    return base.model_copy(
+        update={"phase": "Failed", "reason": failure_reason, "message": failure_message}
+    ), True
+
+
+def _deployment_for(observed: Observed, name: str) -> Mapping[str, Any] | None:
+    return next((d for d in observed.deployments if d["metadata"]["name"] == name), None)
+
+
+def _engine_key_of(deployment: Mapping[str, Any]) -> str:
+    return str((deployment["metadata"].get("annotations") or {}).get(ANNOTATION_ENGINE_KEY, ""))
+
+
+def _rolled_out(deployment: Mapping[str, Any], *, replicas: int | None = None) -> bool:
+    spec, status = deployment.get("spec") or {}, deployment.get("status") or {}
+    want = int(spec.get("replicas", 1) if replicas is None else replicas)
+    generation = int(deployment["metadata"].get("generation", 0))
+    return bool(
+        status.get("observedGeneration", 0) >= generation
+        and status.get("updatedReplicas", 0) >= want
+        and status.get("availableReplicas", 0) >= want
+        and status.get("replicas", 0) == want
+    )
+
+
+def _available(deployment: Mapping[str, Any]) -> bool:
+    want = int((deployment.get("spec") or {}).get("replicas", 1))
+    return int((deployment.get("status") or {}).get("availableReplicas", 0)) >= want
+
+
+def _condition(
+    previous: Mapping[str, Condition],
+    type_: str,
+    status: bool,
+    reason: str,
+    message: str,
+    generation: int,
+    now: datetime,
+) -> Condition:
+    value = "True" if status else "False"
+    old = previous.get(type_)
+    since = old.last_transition_time if old is not None and old.status == value else now
+    return Condition(
+        type=type_,
+        status=value,
+        reason=reason,
+        message=message,
+        observed_generation=generation,
+        last_transition_time=since,
+    )
+
+
+def plan(im: InferenceModel, observed: Observed, *, settings: OperatorSettings, now: datetime) -> Plan:
+    """Everything to apply, delete, record and announce for one InferenceModel."""
+    name, generation = im.metadata["name"], int(im.metadata.get("generation", 0))
+    out = Plan()
+    targets, missing_pinned = target_architectures(im, observed.nodes)
+
+    engines: dict[str, EngineStatus] = {}
+    current_jobs: set[str] = set()
+    for arch in targets:
+        build_id, exact = build_identity(im, arch, settings)
+        engine, needs_job = _engine(im, arch, build_id, exact, observed, settings)
+        engines[arch] = engine
+        current_jobs.add(job_name(name, arch, build_id))
+        if needs_job:
+            out.apply.append(build_job(im, arch=arch, build_id=build_id, settings=settings))
+
+    # Serving: a Ready engine rolls its architecture; otherwise the Deployment already there stays as is.
+    serving: dict[str, str] = {}  # arch -> engine key it serves (or will serve)
+    kept: set[str] = set()
+    for arch in targets:
+        engine, existing = engines[arch], _deployment_for(observed, deployment_name(name, arch))
+        if engine.phase == "Ready":
+            serving[arch] = engine.key
+        elif existing is not None:
+            serving[arch] = _engine_key_of(existing)
+            kept.add(arch)
+    total = observed.autoscaled_replicas if observed.autoscaled_replicas is not None else im.spec.replicas
+    total = 1 if total is None else total
+    shares = split_across_architectures(
+        total, [ArchitectureShare(name=a, nodes=len(targets[a])) for a in sorted(serving)]
+    )
+    for arch, key in sorted(serving.items()):
+        if arch not in kept:
+            out.apply.append(
+                build_deployment(im, arch=arch, engine_key_=key, replicas=shares[arch], settings=settings)
+            )
+    out.apply.append(build_service(im, settings=settings))
+
+    for dep in observed.deployments:
+        arch = str((dep["metadata"].get("labels") or {}).get(LABEL_ARCH, ""))
+        if arch not in targets:
+            out.delete.append(ObjectRef("apps/v1", "Deployment", dep["metadata"]["name"]))
+            out.events.append(
+                EventSpec(
+                    "Normal",
+                    "ArchitectureRemoved",
+                    f"{arch} has no eligible node any more: deleted Deployment {dep['metadata']['name']}",
+                )
+            )
+    # The previous version's Jobs go once their architecture serves the current engine (or is gone).
+    for job in observed.jobs:
+        jname, arch = job["metadata"]["name"], str((job["metadata"].get("labels") or {}).get(LABEL_ARCH, ""))
+        if jname in current_jobs:
+            continue
+        job_dep = _deployment_for(observed, deployment_name(name, arch))
+        rolled = (
+            job_dep is not None
+            and arch in engines
+            and engines[arch].phase == "Ready"
+            and _engine_key_of(job_dep) == engines[arch].key
+            and _rolled_out(job_dep)
+        )
+        if arch not in targets or rolled:
+            out.delete.append(ObjectRef("batch/v1", "Job", jname))
+
+    out.status = _status(
+        im,
+        observed,
+        targets=targets,
+        missing_pinned=missing_pinned,
+        engines=engines,
+        serving=serving,
+        shares=shares,
+        generation=generation,
+        now=now,
+    )
+    out.events += _engine_events(im, engines) + _rollout_events(observed, name, serving, kept)
+    out.events += _condition_events(im, out.status)
+    return out
+
+
+def _status(
+    im: InferenceModel,
+    observed: Observed,
+    *,
+    targets: Mapping[str, list[str]],
+    missing_pinned: list[str],
+    engines: Mapping[str, EngineStatus],
+    serving: Mapping[str, str],
+    shares: Mapping[str, int],
+    generation: int,
+    now: datetime,
+) -> dict[str, Any]:
+    name = im.metadata["name"]
+    previous = {c.type: c for c in im.status.conditions}
+    ready_engines = [a for a, e in engines.items() if e.phase == "Ready"]
+    failed = {a: e for a, e in engines.items() if e.phase == "Failed"}
+    building = [a for a, e in engines.items() if e.phase in {"Pending", "Building"}]
+    deployments = {a: _deployment_for(observed, deployment_name(name, a)) for a in serving}
+    present = {a: d for a, d in deployments.items() if d is not None}
+
+    def cond(type_: str, ok: bool, reason: str, message: str) -> Condition:
+        return _condition(previous, type_, ok, reason, message, generation, now)
+
+    if not targets:
+        where = ", ".join(missing_pinned) if missing_pinned else "any architecture"
+        engines_ready = cond(ENGINES_READY, False, "NoEligibleNodes", f"no eligible node for {where}")
+    elif failed:
+        engines_ready = cond(
+            ENGINES_READY,
+            False,
+            "BuildFailed",
+            "; ".join(f"{a}: {e.reason}: {e.message}" for a, e in sorted(failed.items())),
+        )
+    elif building:
+        engines_ready = cond(
+            ENGINES_READY, False, "Building", f"building engines for {', '.join(sorted(building))}"
+        )
+    else:
+        engines_ready = cond(
+            ENGINES_READY, True, "AllEnginesReady", f"{len(ready_engines)}/{len(engines)} engines ready"
+        )
+
+    serving_ok = (
+        bool(serving) and len(present) == len(serving) and all(_available(d) for d in present.values())
+    )
+    if serving_ok:
+        ready = cond(READY, True, "Serving", "serving on " + ", ".join(sorted(serving)))
+    elif not serving:
+        ready = cond(
+            READY,
+            False,
+            engines_ready.reason if engines_ready.status != "True" else "NotServing",
+            "no architecture has a Ready engine yet: " + engines_ready.message,
+        )
+    else:
+        waiting = sorted(a for a in serving if a not in present or not _available(present[a]))
+        ready = cond(READY, False, "Unavailable", f"waiting for available replicas on {', '.join(waiting)}")
+
+    rolling = sorted(
+        a
+        for a, d in deployments.items()
+        if d is None or _engine_key_of(d) != serving[a] or not _rolled_out(d, replicas=shares.get(a))
+    )
+    rolling = [a for a in rolling if a in engines and engines[a].phase == "Ready"]
+    if building:
+        progressing = cond(
+            PROGRESSING, True, "Building", f"building engines for {', '.join(sorted(building))}"
+        )
+    elif rolling:
+        progressing = cond(PROGRESSING, True, "RollingOut", f"rolling out {', '.join(rolling)}")
+    else:
+        progressing = cond(PROGRESSING, False, "Complete", "nothing in progress")
+
+    problems = [f"{a}: {e.reason}: {e.message}" for a, e in sorted(failed.items())]
+    problems += [f"{a}: no eligible node" for a in missing_pinned]
+    if problems:
+        kept = [a for a in failed if a in present]
+        suffix = f" (still serving the previous engine on {', '.join(sorted(kept))})" if kept else ""
+        degraded = cond(
+            DEGRADED, True, "BuildFailed" if failed else "NoEligibleNodes", "; ".join(problems) + suffix
+        )
+    else:
+        degraded = cond(DEGRADED, False, "AsExpected", "no failure")
+
+    arch_status = []
+    for arch in sorted(set(targets) | set(present)):
+        dep = present.get(arch)
+        dstatus = (dep or {}).get("status") or {}
+        arch_status.append(
+            {
+                "name": arch,
+                "nodes": len(targets.get(arch, [])),
+                "replicas": int(shares.get(arch, 0)),
+                "readyReplicas": int(dstatus.get("readyReplicas", 0)),
+                "deployment": deployment_name(name, arch) if arch in serving else None,
+            }
+        )
+    engine_list = [engines[a] for a in sorted(engines)]
+    status = {
+        "observedGeneration": generation,
+        "conditions": [
+            c.model_dump(mode="json", by_alias=True, exclude_none=True)
+            for c in (ready, engines_ready, progressing, degraded)
+        ],
+        "engines": [e.model_dump(mode="json", by_alias=True, exclude_none=True) for e in engine_list],
+        "engineSummary": f"{len(ready_engines)}/{len(engines)}",
+        "architectures": arch_status,
+        "replicas": sum(int((d.get("status") or {}).get("replicas", 0)) for d in present.values()),
+        "readyReplicas": sum(int((d.get("status") or {}).get("readyReplicas", 0)) for d in present.values()),
+        "selector": f"{LABEL_MODEL}={name},modelfleet.io/component=serving",
+    }
+    if im.status.autoscaler is not None:
+        status["autoscaler"] = im.status.autoscaler.model_dump(mode="json", by_alias=True, exclude_none=True)
+    return status
+
+
+def _engine_events(im: InferenceModel, engines: Mapping[str, EngineStatus]) -> list[EventSpec]:
+    previous = _previous_engines(im)
+    events = []
+    for arch, e in sorted(engines.items()):
+        old = previous.get(arch)
+        if old is not None and old.build_id == e.build_id and old.phase == e.phase:
+            continue
+        if e.phase == "Pending" and (old is None or old.build_id != e.build_id):
+            events.append(
+                EventSpec(
+                    "Normal",
+                    "BuildStarted",
+                    f"{arch}: build Job {e.job} for {e.precision} ({e.backend}) started",
+                )
+            )
+        elif e.phase == "Ready":
+            events.append(
+                EventSpec("Normal", "EngineReady", f"{arch}: engine {e.key[:16]} ready ({e.message})")
+            )
+        elif e.phase == "Failed":
+            events.append(EventSpec("Warning", "BuildFailed", f"{arch}: {e.reason}: {e.message}"))
+    return events
+
+
+def _rollout_events(
+    observed: Observed, name: str, serving: Mapping[str, str], kept: set[str]
+) -> list[EventSpec]:
+    events = []
+    for arch, key in sorted(serving.items()):
+        if arch in kept:
+            continue
+        dep = _deployment_for(observed, deployment_name(name, arch))
+        if dep is None:
+            events.append(EventSpec("Normal", "DeploymentCreated", f"{arch}: serving engine {key[:16]}"))
+        elif _engine_key_of(dep) != key:
+            events.append(
+                EventSpec(
+                    "Normal",
+                    "RollingOut",
+                    f"{arch}: rolling from engine {_engine_key_of(dep)[:16]} to {key[:16]}",
+                )
+            )
+    return events
+
+
+def _condition_events(im: InferenceModel, status: Mapping[str, Any]) -> list[EventSpec]:
+    previous = {c.type: c.status for c in im.status.conditions}
+    events = []
+    for c in status["conditions"]:
+        if c["type"] == READY and c["status"] != previous.get(READY) and c["status"] == "True":
+            events.append(EventSpec("Normal", "Ready", c["message"]))
+        elif c["type"] == READY and previous.get(READY) == "True" and c["status"] == "False":
+            events.append(EventSpec("Warning", "NotReady", f"{c['reason']}: {c['message']}"))
+        elif c["type"] == DEGRADED and c["status"] == "True" and previous.get(DEGRADED) != "True":
+            events.append(EventSpec("Warning", "Degraded", f"{c['reason']}: {c['message']}"))
+    return events

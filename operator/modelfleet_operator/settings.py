@@ -1,0 +1,54 @@
+"""Operator settings: one pydantic-settings class, built once in `main()` and passed down explicitly."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class OperatorSettings(BaseSettings):
+    """How the operator builds its children; every field can be set as MODELFLEET_OPERATOR_<NAME>."""
+
+    model_config = SettingsConfigDict(env_prefix="MODELFLEET_OPERATOR_", frozen=True)
+
+    runtime_image: str = Field(
+        "ghcr.io/modelfleet/modelfleet-runtime:0.1.0",
+        description="Image of build Jobs and serving pods when spec.serving.image is unset.",
+    )
+    image_pull_policy: str = Field("IfNotPresent", description="Pull policy of that image.")
+    runtime_backend_versions: dict[str, str] = Field(
+        default_factory=dict,
+        description='Backend versions inside runtime_image, e.g. {"tensorrt": "10.3.0"}: with them (and a '
+        "pinned model sha256) the operator knows an engine's cache key before its build runs.",
+    )
+    engine_store_claim: str = Field(
+        "modelfleet-engines",
+        description="PersistentVolumeClaim, in each InferenceModel's namespace, holding the engine store.",
+    )
+    engine_store_path: str = Field(
+        "/var/lib/modelfleet/engines", description="Mount path of the engine store."
+    )
+    models_path: str = Field("/models", description="Where pvc:// model volumes are mounted: <path>/<claim>.")
+    serving_port: int = Field(8080, ge=1, le=65535, description="HTTP port of the runtime in serving pods.")
+    build_backoff_limit: int = Field(
+        1, ge=0, description="Retries of a build pod that failed for a transient reason."
+    )
+    build_active_deadline_seconds: int = Field(7200, ge=60, description="A build running longer is failed.")
+    build_ttl_seconds_after_finished: int = Field(
+        86400, ge=0, description="Finished build Jobs are removed after this."
+    )
+    build_cpu: str = Field("4", description="CPU request of a build pod.")
+    build_memory: str = Field("16Gi", description="Memory request and limit of a build pod.")
+    drain_seconds: int = Field(
+        10, ge=0, description="preStop sleep of serving pods, so endpoints drop them before SIGTERM arrives."
+    )
+    termination_grace_seconds: int = Field(
+        60, ge=1, description="Grace period of serving pods: drain plus finishing work."
+    )
+    namespaces: list[str] = Field(
+        default_factory=list, description="Namespaces to watch; empty watches the cluster."
+    )
+    resync_seconds: float = Field(
+        300, gt=0, description="Every InferenceModel is reconciled at least this often."
+    )
+    autoscale_interval_seconds: float = Field(15, gt=0, description="How often the autoscaler decides.")

@@ -1,0 +1,133 @@
+"""Architecture discovery from GPU Feature Discovery labels, taints and the user's placement."""
+
+from __future__ import annotations
+
+from modelfleet_operator.api import Placement
+from modelfleet_operator.placement import (
+    NodeInfo,
+    architecture_selector,
+    discover,
+    eligible,
+    node_architecture,
+)
+
+GPU_TAINT = {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
+
+
+def gpu_node(
+    name: str,
+    major: str | None,
+    minor: str | None,
+    product: str = "",
+    gpus: int = 8,
+    taints: tuple[dict[str, str], ...] = (GPU_TAINT,),
+    **labels: str,
+) -> NodeInfo:
+    lbl = dict(labels)
+    if major is not None:
+        lbl["nvidia.com/gpu.compute.major"] = major
+    if minor is not None:
+        lbl["nvidia.com/gpu.compute.minor"] = minor
+    if product:
+        lbl["nvidia.com/gpu.product"] = product
+    return NodeInfo(name=name, labels=lbl, taints=taints, gpus=gpus)
+
+
+def test_architecture_comes_from_compute_capability_labels() -> None:
+    assert (
+        node_architecture({"nvidia.com/gpu.compute.major": "9", "nvidia.com/gpu.compute.minor": "0"})
+        == "sm90"
+    )
+    assert (
+        node_architecture({"nvidia.com/gpu.compute.major": "8", "nvidia.com/gpu.compute.minor": "9"})
+        == "sm89"
+    )
+
+
+def test_architecture_falls_back_to_the_product_name_longest_match_first() -> None:
+    assert node_architecture({"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}) == "sm80"
+    assert node_architecture({"nvidia.com/gpu.product": "NVIDIA-A10"}) == "sm86"
+    assert node_architecture({"nvidia.com/gpu.product": "NVIDIA-L40S"}) == "sm89"
+    assert node_architecture({"nvidia.com/gpu.product": "Tesla-T4"}) == "sm75"
+    assert node_architecture({"nvidia.com/gpu.product": "Mystery-GPU"}) is None
+    assert node_architecture({}) is None
+
+
+def test_discover_groups_eligible_gpu_nodes_by_architecture() -> None:
+    nodes = [
+        gpu_node("h1", "9", "0"),
+        gpu_node("h2", "9", "0"),
+        gpu_node("a1", None, None, product="NVIDIA-A100-PCIE-40GB"),
+        NodeInfo(name="cpu", labels={}, gpus=0),
+    ]
+    assert discover(nodes, Placement(), gpus=1) == {"sm80": ["a1"], "sm90": ["h1", "h2"]}
+
+
+def test_cpu_serving_has_one_architecture_and_avoids_tainted_gpu_nodes() -> None:
+    nodes = [
+        gpu_node("h1", "9", "0"),
+        NodeInfo(name="cpu-0", labels={}, gpus=0),
+        NodeInfo(name="cpu-1", labels={}),
+    ]
+    assert discover(nodes, Placement(), gpus=0) == {"cpu": ["cpu-0", "cpu-1"]}
+
+
+def test_node_selector_affinity_and_taints_decide_eligibility() -> None:
+    h100 = gpu_node("h1", "9", "0", pool="prod")
+    tainted = gpu_node(
+        "h2", "9", "0", taints=(GPU_TAINT, {"key": "dedicated", "value": "llm", "effect": "NoSchedule"})
+    )
+    assert eligible(h100, Placement.model_validate({"nodeSelector": {"pool": "prod"}}), gpus=1)
+    assert not eligible(h100, Placement.model_validate({"nodeSelector": {"pool": "dev"}}), gpus=1)
+    assert not eligible(tainted, Placement(), gpus=1)
+    tolerate = Placement.model_validate(
+        {"tolerations": [{"key": "dedicated", "operator": "Equal", "value": "llm", "effect": "NoSchedule"}]}
+    )
+    assert eligible(tainted, tolerate, gpus=1)
+    affinity = {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["prod"]}]}
+                ]
+            }
+        }
+    }
+    assert eligible(h100, Placement.model_validate({"affinity": affinity}), gpus=1)
+    assert not eligible(gpu_node("h3", "9", "0"), Placement.model_validate({"affinity": affinity}), gpus=1)
+
+
+def test_a_node_without_enough_gpus_is_not_eligible() -> None:
+    assert not eligible(gpu_node("small", "8", "9", gpus=1), Placement(), gpus=2)
+    assert eligible(gpu_node("big", "8", "9", gpus=2), Placement(), gpus=2)
+
+
+def test_a_cordoned_or_not_ready_node_stays_in_the_fleet() -> None:
+    cordoned = gpu_node(
+        "h1",
+        "9",
+        "0",
+        taints=(
+            GPU_TAINT,
+            {"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"},
+            {"key": "node.kubernetes.io/not-ready", "effect": "NoExecute"},
+        ),
+    )
+    assert discover([cordoned], Placement(), gpus=1) == {"sm90": ["h1"]}
+
+
+def test_architecture_selectors_use_a_one_digit_minor() -> None:
+    assert architecture_selector("sm90")[0] == {
+        "nvidia.com/gpu.compute.major": "9",
+        "nvidia.com/gpu.compute.minor": "0",
+    }
+    assert architecture_selector("sm100")[0] == {
+        "nvidia.com/gpu.compute.major": "10",
+        "nvidia.com/gpu.compute.minor": "0",
+    }
+    assert architecture_selector("sm121")[0] == {
+        "nvidia.com/gpu.compute.major": "12",
+        "nvidia.com/gpu.compute.minor": "1",
+    }
+    for arch in ("sm75", "sm80", "sm89", "sm90", "sm100", "sm120"):
+        assert node_architecture(architecture_selector(arch)[0]) == arch

@@ -1,0 +1,402 @@
+"""The pure reconcile decisions: builds before rolls, failures never take serving down, nothing twice."""
+
+from __future__ import annotations
+
+import copy
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from modelfleet_operator.api import InferenceModel, parse_inference_model
+from modelfleet_operator.placement import NodeInfo
+from modelfleet_operator.reconcile import (
+    Observed,
+    Plan,
+    jobs_awaiting_results,
+    parse_termination_message,
+    plan,
+)
+from modelfleet_operator.resources import (
+    ANNOTATION_ENGINE_KEY,
+    build_identity,
+    build_options,
+    deployment_name,
+    job_name,
+)
+from modelfleet_operator.settings import OperatorSettings
+from modelfleet_runtime.build.options import parse_options
+
+NOW = datetime(2026, 11, 21, 9, 0, 0, tzinfo=UTC)
+SETTINGS = OperatorSettings()
+GPU_TAINT = {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
+FLEET = [
+    NodeInfo(
+        name=f"gpu-{arch}",
+        labels={"nvidia.com/gpu.compute.major": arch[2], "nvidia.com/gpu.compute.minor": arch[3:]},
+        taints=(GPU_TAINT,),
+        gpus=8,
+    )
+    for arch in ("sm75", "sm80", "sm89", "sm90")
+] + [NodeInfo(name="cpu-0", labels={}, gpus=0)]
+ARCHS = ["sm75", "sm80", "sm89", "sm90"]
+
+
+def model(**spec: Any) -> InferenceModel:
+    body = {
+        "apiVersion": "modelfleet.io/v1alpha1",
+        "kind": "InferenceModel",
+        "metadata": {"name": "clf", "namespace": "ml", "uid": "u-1", "generation": 1},
+        "spec": {"model": {"uri": "pvc://models/clf/model.onnx"}, **spec},
+    }
+    return parse_inference_model(body)
+
+
+def with_status(im: InferenceModel, status: dict[str, Any], generation: int | None = None) -> InferenceModel:
+    body = im.model_dump(mode="json", by_alias=True, exclude_none=True)
+    body["status"] = status
+    if generation is not None:
+        body["metadata"]["generation"] = generation
+    return parse_inference_model(body)
+
+
+def finished_job(job: dict[str, Any], ok: bool = True) -> dict[str, Any]:
+    job = copy.deepcopy(job)
+    job["status"] = {
+        "conditions": [
+            {
+                "type": "Complete" if ok else "Failed",
+                "status": "True",
+                "reason": "" if ok else "PodFailurePolicy",
+                "message": "",
+            }
+        ]
+    }
+    return job
+
+
+def ready_deployment(dep: dict[str, Any]) -> dict[str, Any]:
+    dep = copy.deepcopy(dep)
+    n = dep["spec"]["replicas"]
+    dep["metadata"]["generation"] = 1
+    dep["status"] = {
+        "observedGeneration": 1,
+        "replicas": n,
+        "updatedReplicas": n,
+        "readyReplicas": n,
+        "availableReplicas": n,
+    }
+    return dep
+
+
+def kinds(p: Plan, kind: str) -> list[dict[str, Any]]:
+    return [o for o in p.apply if o["kind"] == kind]
+
+
+def cond(p: Plan, type_: str) -> dict[str, Any]:
+    return next(c for c in p.status["conditions"] if c["type"] == type_)
+
+
+def serve(
+    im: InferenceModel, nodes: list[NodeInfo] = FLEET
+) -> tuple[InferenceModel, list[dict[str, Any]], list[dict[str, Any]]]:
+    """Drive a model to Ready: plan, finish every build, plan, roll every Deployment, plan."""
+    first = plan(im, Observed(nodes=nodes), settings=SETTINGS, now=NOW)
+    jobs = [finished_job(j) for j in kinds(first, "Job")]
+    results = {
+        j["metadata"]["name"]: {
+            "phase": "Ready",
+            "key": "k-"
+            + j["metadata"]["labels"]["modelfleet.io/architecture"]
+            + "-"
+            + im.spec.engine.precision,
+            "backend": "tensorrt",
+            "backendVersion": "10.3",
+        }
+        for j in jobs
+    }
+    im = with_status(im, first.status)
+    second = plan(im, Observed(nodes=nodes, jobs=jobs, build_results=results), settings=SETTINGS, now=NOW)
+    deployments = [ready_deployment(d) for d in kinds(second, "Deployment")]
+    im = with_status(im, second.status)
+    third = plan(im, Observed(nodes=nodes, jobs=jobs, deployments=deployments), settings=SETTINGS, now=NOW)
+    return with_status(im, third.status), jobs, deployments
+
+
+def test_a_new_model_gets_one_build_job_per_architecture_and_no_deployment_yet() -> None:
+    p = plan(model(), Observed(nodes=FLEET), settings=SETTINGS, now=NOW)
+    jobs = kinds(p, "Job")
+    assert sorted(j["metadata"]["labels"]["modelfleet.io/architecture"] for j in jobs) == ARCHS
+    assert kinds(p, "Deployment") == []
+    assert len(kinds(p, "Service")) == 1
+    assert cond(p, "EnginesReady")["status"] == "False" and cond(p, "EnginesReady")["reason"] == "Building"
+    assert cond(p, "Ready")["status"] == "False"
+    assert cond(p, "Progressing")["status"] == "True"
+    assert [e.reason for e in p.events] == ["BuildStarted"] * 4
+    assert p.status["engineSummary"] == "0/4"
+    assert p.status["observedGeneration"] == 1
+
+
+def test_build_jobs_are_pinned_to_their_architecture_and_parse_back_to_the_same_options() -> None:
+    im = model(engine={"precision": "int8", "batch": {"min": 1, "opt": 8, "max": 64}})
+    job = next(
+        j
+        for j in kinds(plan(im, Observed(nodes=FLEET), settings=SETTINGS, now=NOW), "Job")
+        if j["metadata"]["labels"]["modelfleet.io/architecture"] == "sm89"
+    )
+    pod = job["spec"]["template"]["spec"]
+    terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+        "nodeSelectorTerms"
+    ]
+    assert {"key": "nvidia.com/gpu.compute.major", "operator": "In", "values": ["8"]} in terms[0][
+        "matchExpressions"
+    ]
+    assert {"key": "nvidia.com/gpu.compute.minor", "operator": "In", "values": ["9"]} in terms[0][
+        "matchExpressions"
+    ]
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    container = pod["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    args = container["args"]
+    assert args[:2] == ["build", "--model"] and "--architecture" in args
+    option_args = args[args.index("--architecture") + 2 :]
+    assert parse_options(option_args) == build_options(im.spec, SETTINGS)
+    assert job["spec"]["backoffLimit"] == SETTINGS.build_backoff_limit
+    assert job["spec"]["activeDeadlineSeconds"] > 0 and job["spec"]["ttlSecondsAfterFinished"] > 0
+    assert job["metadata"]["ownerReferences"][0]["uid"] == "u-1"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_finished_builds_roll_out_deployments_that_serve_their_engine() -> None:
+    im, _, deployments = serve(model(replicas=6))
+    assert sorted(d["metadata"]["name"] for d in deployments) == sorted(
+        deployment_name("clf", a) for a in ARCHS
+    )
+    for dep in deployments:
+        arch = dep["metadata"]["labels"]["modelfleet.io/architecture"]
+        assert dep["metadata"]["annotations"][ANNOTATION_ENGINE_KEY] == f"k-{arch}-fp16"
+        args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
+        assert args[args.index("--model") + 1].endswith(f"/k-{arch}-fp16")
+        assert dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    assert sum(d["spec"]["replicas"] for d in deployments) == 6
+    assert im.status.engine_summary == "4/4"
+    conds = {c.type: c.status for c in im.status.conditions}
+    assert conds == {"Ready": "True", "EnginesReady": "True", "Progressing": "False", "Degraded": "False"}
+
+
+def test_a_settled_model_is_a_fixed_point_no_writes_no_events() -> None:
+    im, jobs, deployments = serve(model())
+    p = plan(
+        im,
+        Observed(nodes=FLEET, jobs=jobs, deployments=deployments),
+        settings=SETTINGS,
+        now=NOW.replace(hour=10),
+    )
+    assert p.events == []
+    assert p.status == im.model_dump(mode="json", by_alias=True, exclude_none=True)["status"]
+    assert kinds(p, "Job") == []  # finished builds are not applied again
+    assert p.delete == []
+
+
+def test_a_precision_change_builds_new_engines_while_old_deployments_keep_serving() -> None:
+    im, jobs, deployments = serve(model())
+    changed = with_status(
+        model(engine={"precision": "fp32"}), im.model_dump(mode="json", by_alias=True)["status"], generation=2
+    )
+    p = plan(changed, Observed(nodes=FLEET, jobs=jobs, deployments=deployments), settings=SETTINGS, now=NOW)
+    new_jobs = kinds(p, "Job")
+    assert len(new_jobs) == 4
+    assert not {j["metadata"]["name"] for j in new_jobs} & {j["metadata"]["name"] for j in jobs}
+    assert kinds(p, "Deployment") == []  # untouched until the new engines are Ready
+    assert p.delete == []  # the old version's Jobs stay until the roll
+    assert cond(p, "Ready")["status"] == "True"
+    assert cond(p, "Progressing")["reason"] == "Building"
+    assert cond(p, "Ready")["observedGeneration"] == 2
+
+
+def test_after_the_new_engines_are_ready_deployments_roll_and_old_jobs_go() -> None:
+    im, old_jobs, deployments = serve(model())
+    changed = with_status(
+        model(engine={"precision": "fp32"}), im.model_dump(mode="json", by_alias=True)["status"]
+    )
+    p1 = plan(
+        changed, Observed(nodes=FLEET, jobs=old_jobs, deployments=deployments), settings=SETTINGS, now=NOW
+    )
+    new_jobs = [finished_job(j) for j in kinds(p1, "Job")]
+    results = {
+        j["metadata"]["name"]: {
+            "phase": "Ready",
+            "key": "new-" + j["metadata"]["labels"]["modelfleet.io/architecture"],
+        }
+        for j in new_jobs
+    }
+    changed = with_status(changed, p1.status)
+    p2 = plan(
+        changed,
+        Observed(nodes=FLEET, jobs=old_jobs + new_jobs, deployments=deployments, build_results=results),
+        settings=SETTINGS,
+        now=NOW,
+    )
+    rolled = kinds(p2, "Deployment")
+    assert {d["metadata"]["annotations"][ANNOTATION_ENGINE_KEY] for d in rolled} == {
+        f"new-{a}" for a in ARCHS
+    }
+    assert {e.reason for e in p2.events} >= {"EngineReady", "RollingOut"}
+    changed = with_status(changed, p2.status)
+    p3 = plan(
+        changed,
+        Observed(nodes=FLEET, jobs=old_jobs + new_jobs, deployments=[ready_deployment(d) for d in rolled]),
+        settings=SETTINGS,
+        now=NOW,
+    )
+    assert sorted(r.name for r in p3.delete) == sorted(j["metadata"]["name"] for j in old_jobs)
+
+
+def test_a_failed_build_leaves_the_previous_version_serving_and_says_why() -> None:
+    im, jobs, deployments = serve(model())
+    changed = with_status(
+        model(model={"uri": "pvc://models/clf/broken.onnx"}),
+        im.model_dump(mode="json", by_alias=True)["status"],
+    )
+    p1 = plan(changed, Observed(nodes=FLEET, jobs=jobs, deployments=deployments), settings=SETTINGS, now=NOW)
+    failed = [finished_job(j, ok=False) for j in kinds(p1, "Job")]
+    results = {
+        j["metadata"]["name"]: {"phase": "Failed", "reason": "InvalidModel", "message": "not an ONNX model"}
+        for j in failed
+    }
+    changed = with_status(changed, p1.status)
+    p2 = plan(
+        changed,
+        Observed(nodes=FLEET, jobs=jobs + failed, deployments=deployments, build_results=results),
+        settings=SETTINGS,
+        now=NOW,
+    )
+    assert cond(p2, "Ready")["status"] == "True"
+    degraded = cond(p2, "Degraded")
+    assert degraded["status"] == "True" and degraded["reason"] == "BuildFailed"
+    assert "InvalidModel" in degraded["message"] and "still serving" in degraded["message"]
+    assert kinds(p2, "Deployment") == [] and p2.delete == []
+    assert [e.reason for e in p2.events].count("BuildFailed") == 4
+    assert any(e.type == "Warning" for e in p2.events)
+    # and the failure is sticky: the Job gone (TTL) does not start the build again
+    changed = with_status(changed, p2.status)
+    p3 = plan(changed, Observed(nodes=FLEET, jobs=jobs, deployments=deployments), settings=SETTINGS, now=NOW)
+    assert kinds(p3, "Job") == []
+
+
+def test_a_job_that_succeeded_without_a_result_is_a_failure_not_a_guess() -> None:
+    p1 = plan(model(), Observed(nodes=FLEET), settings=SETTINGS, now=NOW)
+    jobs = [finished_job(j) for j in kinds(p1, "Job")]
+    p2 = plan(with_status(model(), p1.status), Observed(nodes=FLEET, jobs=jobs), settings=SETTINGS, now=NOW)
+    assert {e["reason"] for e in p2.status["engines"]} == {"NoBuildResult"}
+    assert kinds(p2, "Deployment") == []
+
+
+def test_an_architecture_that_loses_its_nodes_loses_its_deployment() -> None:
+    im, jobs, deployments = serve(model())
+    without_h100 = [n for n in FLEET if n.name != "gpu-sm90"]
+    p = plan(im, Observed(nodes=without_h100, jobs=jobs, deployments=deployments), settings=SETTINGS, now=NOW)
+    assert [r.name for r in p.delete if r.kind == "Deployment"] == [deployment_name("clf", "sm90")]
+    assert any(e.reason == "ArchitectureRemoved" for e in p.events)
+    assert "sm90" not in {e["architecture"] for e in p.status["engines"]}
+
+
+def test_a_new_architecture_joining_gets_its_build() -> None:
+    im, jobs, deployments = serve(model())
+    b200 = NodeInfo(
+        name="gpu-b200",
+        labels={"nvidia.com/gpu.compute.major": "10", "nvidia.com/gpu.compute.minor": "0"},
+        taints=(GPU_TAINT,),
+        gpus=8,
+    )
+    p = plan(
+        im, Observed(nodes=[*FLEET, b200], jobs=jobs, deployments=deployments), settings=SETTINGS, now=NOW
+    )
+    assert [j["metadata"]["labels"]["modelfleet.io/architecture"] for j in kinds(p, "Job")] == ["sm100"]
+
+
+def test_pinned_architectures_build_only_those_and_flag_the_missing() -> None:
+    p = plan(
+        model(engine={"architectures": ["sm90", "sm100"]}), Observed(nodes=FLEET), settings=SETTINGS, now=NOW
+    )
+    assert [j["metadata"]["labels"]["modelfleet.io/architecture"] for j in kinds(p, "Job")] == ["sm90"]
+    degraded = cond(p, "Degraded")
+    assert degraded["status"] == "True" and "sm100" in degraded["message"]
+
+
+def test_no_eligible_node_is_reported_not_crashed() -> None:
+    p = plan(model(), Observed(nodes=[NodeInfo(name="cpu-0", labels={})]), settings=SETTINGS, now=NOW)
+    assert p.apply == [kinds(p, "Service")[0]]
+    assert cond(p, "EnginesReady")["reason"] == "NoEligibleNodes"
+
+
+def test_build_identity_changes_with_what_changes_the_engine_and_only_that() -> None:
+    base = build_identity(model(), "sm90", SETTINGS)[0]
+    assert build_identity(model(), "sm90", SETTINGS)[0] == base
+    assert build_identity(model(replicas=7), "sm90", SETTINGS)[0] == base
+    assert build_identity(model(engine={"precision": "fp32"}), "sm90", SETTINGS)[0] != base
+    assert build_identity(model(), "sm80", SETTINGS)[0] != base
+    assert build_identity(model(serving={"image": "other:1"}), "sm90", SETTINGS)[0] != base
+    rebuilt = model()
+    rebuilt.metadata["annotations"] = {"modelfleet.io/rebuild": "2026-11-21"}
+    assert build_identity(rebuilt, "sm90", SETTINGS)[0] != base
+    assert job_name("clf", "sm90", base) != job_name(
+        "clf", "sm90", build_identity(rebuilt, "sm90", SETTINGS)[0]
+    )
+
+
+def test_with_pinned_digest_and_known_backend_version_the_build_id_is_the_engine_key() -> None:
+    from modelfleet_runtime.build.key import engine_key
+
+    sha = "a" * 64
+    settings = OperatorSettings(runtime_backend_versions={"tensorrt": "10.3.0"})
+    im = model(model={"uri": "pvc://models/clf/model.onnx", "sha256": sha})
+    build_id, exact = build_identity(im, "sm90", settings)
+    assert exact
+    options = build_options(im.spec, settings).with_backend("tensorrt")
+    assert build_id == engine_key(
+        model_digest=sha, options=options, architecture="sm90", backend_version="10.3.0"
+    )
+    assert not build_identity(model(), "sm90", settings)[1]
+
+
+def test_long_names_stay_valid_kubernetes_names() -> None:
+    name = "a-very-long-model-name-" + "x" * 60
+    build_id = build_identity(model(), "sm90", SETTINGS)[0]
+    assert len(job_name(name, "sm100", build_id)) <= 63
+    assert len(deployment_name(name, "sm100")) <= 63
+    assert job_name(name, "sm90", build_id) != job_name(name + "y", "sm90", build_id)
+
+
+def test_jobs_awaiting_results_are_the_finished_ones_not_yet_recorded() -> None:
+    p = plan(model(), Observed(nodes=FLEET), settings=SETTINGS, now=NOW)
+    jobs = kinds(p, "Job")
+    finished = [finished_job(jobs[0])] + jobs[1:]
+    assert jobs_awaiting_results(with_status(model(), p.status), finished) == [jobs[0]["metadata"]["name"]]
+
+
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        ('{"phase":"Ready","key":"abc"}', {"phase": "Ready", "key": "abc"}),
+        (
+            'log line\n{"phase":"Failed","reason":"InvalidModel"}',
+            {"phase": "Failed", "reason": "InvalidModel"},
+        ),
+        ("Traceback: boom", {"message": "Traceback: boom"}),
+        ("", {}),
+        (None, {}),
+    ],
+)
+def test_termination_messages_parse_or_become_plain_messages(
+    message: str | None, expected: dict[str, Any]
+) -> None:
+    assert parse_termination_message(message) == expected
+
+
+def test_status_serializes_to_json_the_api_server_stores_unchanged() -> None:
+    im, _, _ = serve(model())
+    status = im.model_dump(mode="json", by_alias=True, exclude_none=True)["status"]
+    assert json.loads(json.dumps(status)) == status
+    assert all(c["lastTransitionTime"].endswith("Z") for c in status["conditions"])

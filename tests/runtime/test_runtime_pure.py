@@ -1,0 +1,442 @@
+"""The pure parts of the runtime: batch planning, merge/split, validation, wire format, settings, loader."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from modelfleet_runtime.backends.base import TensorSpec, build_warmup_inputs
+from modelfleet_runtime.batching import (
+    BatchMismatch,
+    ModelSignature,
+    batch_key,
+    merge,
+    plan_batch,
+    split,
+    supports_batching,
+    validate_inputs,
+)
+from modelfleet_runtime.loader import ModelLoadError, build_model_source, build_warmup_batch_sizes
+from modelfleet_runtime.metrics import DURATION_BUCKETS, Metrics
+from modelfleet_runtime.protocol import (
+    InvalidInput,
+    decode_infer_request,
+    encode_infer_response,
+    parse_header_length,
+)
+from modelfleet_runtime.settings import ServeSettings
+
+CLASSIFIER = ModelSignature(
+    inputs=(TensorSpec("input", "FP32", (-1, 16)),),
+    outputs=(TensorSpec("probabilities", "FP32", (-1, 10)),),
+    max_batch_size=8,
+)
+TWO_IO = ModelSignature(
+    inputs=(TensorSpec("a", "FP32", (-1, -1)), TensorSpec("b", "FP32", (-1, -1))),
+    outputs=(TensorSpec("sum", "FP32", (-1, -1)), TensorSpec("dot", "FP32", (-1, 1))),
+    max_batch_size=32,
+)
+
+
+# --- plan_batch: Triton's dynamic batcher rules ------------------------------------------------------------
+
+
+def plan(
+    sizes: list[int],
+    *,
+    max_batch: int = 8,
+    preferred: tuple[int, ...] = (),
+    expired: bool = False,
+    keys: list[int] | None = None,
+) -> int:
+    queued = list(zip(sizes, keys or [0] * len(sizes), strict=True))
+    return plan_batch(queued, max_batch_size=max_batch, preferred=frozenset(preferred), delay_expired=expired)
+
+
+def test_an_empty_queue_dispatches_nothing() -> None:
+    assert plan([], expired=True) == 0
+
+
+def test_a_partial_batch_waits_for_the_queue_delay() -> None:
+    assert plan([1, 1, 1]) == 0
+    assert plan([1, 1, 1], expired=True) == 3
+
+
+def test_a_full_batch_goes_at_once() -> None:
+    assert plan([1] * 8) == 8
+    assert plan([1] * 12) == 8
+
+
+def test_the_largest_preferred_size_goes_at_once() -> None:
+    assert plan([1] * 5, preferred=(2, 4)) == 4
+    assert plan([1] * 3, preferred=(2, 4)) == 2
+    assert plan([1] * 12, preferred=(4,)) == 4  # Triton: a preferred size beats a larger non-preferred one
+
+
+def test_multi_row_requests_count_by_rows() -> None:
+    assert plan([3, 3], preferred=(6,)) == 2
+    assert plan([3, 2], preferred=(4,)) == 0  # prefix sums 3, 5 never hit 4
+    assert plan([5, 4]) == 1  # 9 rows would not fit: the batch cannot grow, so it goes
+
+
+def test_a_request_of_another_shape_cuts_the_batch() -> None:
+    assert plan([1, 1, 1], keys=[0, 0, 1]) == 2
+    assert plan([1], keys=[0]) == 0
+
+
+@given(st.lists(st.integers(1, 8), min_size=1, max_size=40), st.booleans(), st.sets(st.integers(1, 16)))
+def test_a_planned_batch_never_exceeds_the_max(sizes: list[int], expired: bool, preferred: set[int]) -> None:
+    count = plan(sizes, max_batch=16, preferred=tuple(preferred), expired=expired)
+    assert 0 <= count <= len(sizes)
+    assert sum(sizes[:count]) <= 16
+    if expired:
+        assert count >= 1
+
+
+# --- merge and split ---------------------------------------------------------------------------------------
+
+
+@settings(max_examples=50)
+@given(st.lists(st.integers(1, 5), min_size=1, max_size=20), st.integers(1, 7))
+def test_split_gives_every_request_exactly_its_own_rows(sizes: list[int], width: int) -> None:
+    rng = np.random.default_rng(len(sizes) * 31 + width)
+    requests = [{"x": rng.normal(size=(n, width)).astype(np.float32)} for n in sizes]
+    merged = merge(requests, ["x"])
+    assert merged["x"].shape == (sum(sizes), width)
+    outputs = {"y": merged["x"] * 2.0, "z": merged["x"][:, :1]}
+    parts = split(outputs, sizes)
+    assert len(parts) == len(requests)
+    for request, part in zip(requests, parts, strict=True):
+        np.testing.assert_array_equal(part["y"], request["x"] * 2.0)
+        np.testing.assert_array_equal(part["z"], request["x"][:, :1])
+
+
+def test_a_single_request_passes_through_without_a_copy() -> None:
+    x = np.ones((2, 16), np.float32)
+    assert merge([{"input": x}], ["input"])["input"] is x
+
+
+def test_split_refuses_outputs_whose_rows_do_not_match_the_batch() -> None:
+    with pytest.raises(BatchMismatch, match="'y'"):
+        split({"y": np.zeros((3, 2))}, [2, 2])
+
+
+# --- validation names the tensor ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("inputs", "needle"),
+    [
+        ({"input": np.zeros((1, 16), np.float32), "extra": np.zeros(1)}, "unknown input 'extra'"),
+        ({}, "missing input 'input'"),
+        ({"input": np.zeros((1, 16), np.float64)}, "input 'input' has datatype FP64, the model expects FP32"),
+        (
+            {"input": np.zeros((1, 15), np.float32)},
+            "input 'input' has shape [1, 15], the model expects [-1, 16]",
+        ),
+        ({"input": np.zeros((16,), np.float32)}, "input 'input' has shape [16]"),
+        ({"input": np.zeros((9, 16), np.float32)}, "batch size 9, above the maximum 8"),
+        ({"input": np.zeros((0, 16), np.float32)}, "empty batch"),
+    ],
+)
+def test_validation_errors_name_the_tensor(inputs: dict[str, np.ndarray], needle: str) -> None:
+    with pytest.raises(InvalidInput) as info:
+        validate_inputs(inputs, CLASSIFIER)
+    assert needle in info.value.message
+
+
+def test_inputs_must_agree_on_the_batch_size() -> None:
+    with pytest.raises(InvalidInput, match="input 'b' has batch size 3 but input 'a' has 2"):
+        validate_inputs({"a": np.zeros((2, 4), np.float32), "b": np.zeros((3, 4), np.float32)}, TWO_IO)
+
+
+def test_requests_with_different_sequence_lengths_get_different_keys() -> None:
+    short = {"a": np.zeros((1, 4), np.float32), "b": np.zeros((1, 4), np.float32)}
+    long = {"a": np.zeros((2, 9), np.float32), "b": np.zeros((2, 9), np.float32)}
+    assert validate_inputs(long, TWO_IO) == 2
+    assert batch_key(short, TWO_IO) != batch_key(long, TWO_IO)
+    assert batch_key(short, TWO_IO) == batch_key({k: v[:1] for k, v in short.items()}, TWO_IO)
+
+
+def test_only_models_with_a_dynamic_leading_axis_batch() -> None:
+    assert supports_batching(CLASSIFIER.inputs, CLASSIFIER.outputs)
+    assert not supports_batching((TensorSpec("x", "FP32", (3, 4)),), CLASSIFIER.outputs)
+
+
+# --- the wire format ---------------------------------------------------------------------------------------
+
+
+def binary_request(arrays: dict[str, np.ndarray], **extra: object) -> tuple[bytes, int]:
+    header = {
+        "inputs": [
+            {
+                "name": n,
+                "shape": list(a.shape),
+                "datatype": "FP32",
+                "parameters": {"binary_data_size": a.nbytes},
+            }
+            for n, a in arrays.items()
+        ],
+        **extra,
+    }
+    raw = json.dumps(header).encode()
+    return raw + b"".join(a.tobytes() for a in arrays.values()), len(raw)
+
+
+def test_binary_inputs_decode_to_the_same_arrays() -> None:
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    b = -a
+    body, length = binary_request({"a": a, "b": b}, parameters={"timeout": 500, "binary_data_output": True})
+    request = decode_infer_request(body, length)
+    np.testing.assert_array_equal(request.inputs["a"], a)
+    np.testing.assert_array_equal(request.inputs["b"], b)
+    assert request.timeout_us == 500
+    assert request.binary_output is True
+
+
+def test_json_inputs_may_be_nested_or_flat() -> None:
+    flat = {"inputs": [{"name": "x", "shape": [2, 2], "datatype": "INT64", "data": [1, 2, 3, 4]}]}
+    nested = {"inputs": [{"name": "x", "shape": [2, 2], "datatype": "INT64", "data": [[1, 2], [3, 4]]}]}
+    for doc in (flat, nested):
+        x = decode_infer_request(json.dumps(doc).encode(), None).inputs["x"]
+        assert x.dtype == np.int64
+        np.testing.assert_array_equal(x, [[1, 2], [3, 4]])
+
+
+def test_bytes_tensors_round_trip_in_binary_and_json() -> None:
+    words = np.array([b"alpha", b"", b"\xce\xbb"], dtype=np.object_)
+    body, length = encode_infer_response(
+        model_name="m", model_version="1", request_id="r1", outputs=[("w", "BYTES", words, True)]
+    )
+    assert length is not None
+    header = json.loads(body[:length])
+    blob = body[length:]
+    raw = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "w",
+                    "shape": [3],
+                    "datatype": "BYTES",
+                    "parameters": {
+                        "binary_data_size": header["outputs"][0]["parameters"]["binary_data_size"]
+                    },
+                }
+            ]
+        }
+    ).encode()
+    decoded = decode_infer_request(raw + blob, len(raw)).inputs["w"]
+    assert list(decoded) == list(words)
+    doc = json.dumps(
+        {"inputs": [{"name": "w", "shape": [2], "datatype": "BYTES", "data": ["a", "λ"]}]}
+    ).encode()
+    assert list(decode_infer_request(doc, None).inputs["w"]) == [b"a", "λ".encode()]
+
+
+@pytest.mark.parametrize(
+    ("header", "binary", "needle"),
+    [
+        (b"{not json", None, "not valid JSON"),
+        (b"[1, 2]", None, "must be a JSON object"),
+        (b"{}", None, "no 'inputs'"),
+        (b'{"inputs": [{"name": "x", "shape": [2], "datatype": "FP32"}]}', None, "input 'x' has neither"),
+        (
+            b'{"inputs": [{"name": "x", "shape": [2], "datatype": "BF16", "data": [1, 2]}]}',
+            None,
+            "input 'x': unsupported datatype 'BF16'",
+        ),
+        (
+            b'{"inputs": [{"name": "x", "shape": [3], "datatype": "FP32", "data": [1, 2]}]}',
+            None,
+            "input 'x': 2 elements",
+        ),
+        (
+            b'{"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": ["a", "b"]}]}',
+            None,
+            "input 'x': 'data' does not hold FP32",
+        ),
+        (
+            b'{"inputs": [{"name": "x", "shape": [-1], "datatype": "FP32", "data": []}]}',
+            None,
+            "input 'x': shape [-1] has a negative",
+        ),
+        (
+            b'{"inputs": [{"name": "x", "shape": [1], "datatype": "UINT8", "data": [300]}]}',
+            None,
+            "input 'x': 'data' does not hold UINT8",
+        ),
+        (
+            b'{"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": [1, 2]}, '
+            b'{"name": "x", "shape": [2], "datatype": "FP32", "data": [1, 2]}]}',
+            None,
+            "input 'x' appears twice",
+        ),
+        (
+            b'{"inputs": [{"name": "x", "shape": [4], "datatype": "FP32", '
+            b'"parameters": {"binary_data_size": 16}}]}',
+            b"\0" * 8,
+            "input 'x': binary_data_size 16 runs past",
+        ),
+        (
+            b'{"inputs": [{"name": "x", "shape": [4], "datatype": "FP32", '
+            b'"parameters": {"binary_data_size": 8}}]}',
+            b"\0" * 8,
+            "input 'x': 8 bytes of binary data, but shape [4] of FP32 needs 16",
+        ),
+        (
+            b'{"inputs": [{"name": "x", "shape": [1000000000], "datatype": "BYTES", "parameters": '
+            b'{"binary_data_size": 4}}]}',
+            b"\0" * 4,
+            "cannot hold 1000000000 BYTES",
+        ),
+        (
+            b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}], "outputs": '
+            b'[{"name": "y", "parameters": {"classification": 3}}]}',
+            None,
+            "classification extension",
+        ),
+        (
+            b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}], "parameters": '
+            b'{"timeout": -5}}',
+            None,
+            "'timeout' must be a non-negative integer",
+        ),
+    ],
+)
+def test_malformed_requests_fail_with_a_clear_message(
+    header: bytes, binary: bytes | None, needle: str
+) -> None:
+    body = header + (binary or b"")
+    with pytest.raises(InvalidInput) as info:
+        decode_infer_request(body, None if binary is None else len(header))
+    assert needle in info.value.message
+
+
+def test_trailing_binary_bytes_are_refused() -> None:
+    body, length = binary_request({"x": np.zeros(2, np.float32)})
+    with pytest.raises(InvalidInput, match="4 bytes of binary data after the last binary input"):
+        decode_infer_request(body + b"\0" * 4, length)
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-3", "9999"])
+def test_a_bad_header_length_is_refused(value: str) -> None:
+    with pytest.raises(InvalidInput, match="Inference-Header-Content-Length"):
+        parse_header_length(value, 100)
+
+
+def test_json_and_binary_outputs_can_be_mixed() -> None:
+    y = np.arange(6, dtype=np.float32).reshape(2, 3)
+    z = np.array([[7]], dtype=np.int64)
+    body, length = encode_infer_response(
+        model_name="m",
+        model_version="1",
+        request_id=None,
+        outputs=[("y", "FP32", y, False), ("z", "INT64", z, True)],
+    )
+    assert length is not None
+    header = json.loads(body[:length])
+    assert header["outputs"][0]["data"] == [0, 1, 2, 3, 4, 5]
+    assert header["outputs"][1]["parameters"] == {"binary_data_size": 8}
+    assert np.frombuffer(body[length:], np.int64).tolist() == [7]
+    assert "id" not in header
+
+
+# --- settings, loader, warm-up, metrics --------------------------------------------------------------------
+
+
+def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MODELFLEET_PREFERRED_BATCH_SIZES", "16, 8")
+    monkeypatch.setenv("MODELFLEET_MAX_QUEUE_DELAY_MICROSECONDS", "1500")
+    monkeypatch.setenv("MODELFLEET_PROVIDERS", '["CPUExecutionProvider"]')
+    s = ServeSettings(model=Path("m.onnx"), name="m")
+    assert s.preferred_batch_sizes == [8, 16]
+    assert s.max_queue_delay_microseconds == 1500
+    assert s.providers == ["CPUExecutionProvider"]
+
+
+def test_preferred_sizes_above_the_max_are_refused() -> None:
+    with pytest.raises(ValueError, match="exceed max_batch_size"):
+        ServeSettings(model=Path("m.onnx"), name="m", max_batch_size=8, preferred_batch_sizes=[16])
+
+
+def test_every_settings_field_is_documented() -> None:
+    missing = [name for name, field in ServeSettings.model_fields.items() if not field.description]
+    assert missing == []
+
+
+def test_a_store_directory_needs_a_manifest_naming_a_file_inside_it(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match=r"without manifest\.json"):
+        build_model_source(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"backend": "onnxruntime", "artifact": "../x.onnx"}))
+    with pytest.raises(ModelLoadError, match="artifact must be a file name"):
+        build_model_source(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"backend": "tvm", "artifact": "m.onnx"}))
+    with pytest.raises(ModelLoadError, match="backend must be one of"):
+        build_model_source(tmp_path)
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        build_model_source(tmp_path / "nothing")
+
+
+def test_a_store_manifest_gives_backend_profile_and_warmup_shapes(tmp_path: Path) -> None:
+    manifest = {
+        "key": "k1",
+        "backend": "tensorrt",
+        "artifact": "engine.plan",
+        "artifact_sha256": "ab" * 32,
+        "options": {
+            "batch": {"min": 1, "opt": 4, "max": 16},
+            "shapes": {"a": {"min": [1], "opt": [64], "max": [128]}},
+        },
+    }
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    source = build_model_source(tmp_path)
+    assert source.backend == "tensorrt"
+    assert source.artifact == tmp_path / "engine.plan"
+    assert source.batch is not None
+    assert (source.batch.min, source.batch.opt, source.batch.max) == (1, 4, 16)
+    assert source.opt_shapes == {"a": [64]}
+    feeds = build_warmup_inputs(TWO_IO.inputs, 3, source.opt_shapes)
+    assert feeds["a"].shape == (3, 64)
+    assert feeds["b"].shape == (3, 1)
+
+
+def test_warmup_covers_the_profile_preferred_sizes_and_the_max() -> None:
+    sizes = build_warmup_batch_sizes(max_batch_size=24, preferred=[12], profile=None, mode="profile")
+    assert sizes == [1, 2, 4, 8, 12, 16, 24]
+    assert build_warmup_batch_sizes(max_batch_size=5, preferred=[], profile=None, mode="all") == [
+        1,
+        2,
+        3,
+        4,
+        5,
+    ]
+
+
+def test_duration_buckets_resolve_a_p99_between_1ms_and_2s() -> None:
+    assert 20 <= len(DURATION_BUCKETS) <= 30
+    assert DURATION_BUCKETS[0] <= 0.001
+    assert DURATION_BUCKETS[-1] >= 2.0
+    ratios = [b / a for a, b in itertools.pairwise(DURATION_BUCKETS)]
+    assert max(ratios) < 1.4
+
+
+def test_metrics_render_the_names_the_autoscaler_reads() -> None:
+    metrics = Metrics("m")
+    metrics.request_done("success", 0.004)
+    metrics.request_done("rejected_queue_full", None)
+    metrics.computed(8, 0.002)
+    metrics.queued(0.0005)
+    text = metrics.render().decode()
+    assert 'modelfleet_requests_total{model="m",outcome="success"} 1.0' in text
+    assert 'modelfleet_requests_total{model="m",outcome="rejected_queue_full"} 1.0' in text
+    assert 'modelfleet_request_duration_seconds_bucket{le="0.00524",model="m"} 1.0' in text
+    assert 'modelfleet_request_duration_seconds_count{model="m"} 1.0' in text
+    assert 'modelfleet_batch_size_sum{model="m"} 8.0' in text
+    assert 'modelfleet_compute_duration_seconds_count{model="m"} 1.0' in text
+    assert 'modelfleet_queue_depth{model="m"} 0.0' in text
+    assert 'modelfleet_inflight_requests{model="m"} 0.0' in text
