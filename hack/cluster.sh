@@ -43,7 +43,7 @@ component_pid() {  # pid of a live component of this cluster, or nothing
   return 0
 }
 
-stages="$here/kwok/stages.yaml"
+stages="$here/kwok/config.yaml"
 stages_sum=$(sha256sum "$stages" | cut -c1-16)
 exists() { [ -f "$cdir/kwok.yaml" ]; }
 current() { [ "$(cat "$cdir/stages.sum" 2>/dev/null)" = "$stages_sum" ]; }
@@ -80,7 +80,7 @@ cmd_up() {
     log "cluster '$name' is already running"
   else
     if exists && ! current; then
-      log "hack/kwok/stages.yaml changed since cluster '$name' was created: recreating it"
+      log "hack/kwok/config.yaml changed since cluster '$name' was created: recreating it"
       cmd_down >/dev/null
     elif exists; then
       log "cluster '$name' exists but is not healthy: recreating it"

@@ -15,7 +15,9 @@ GPU_KINDS = [
 CPU_NODES = 2
 
 
-def node(name: str, *, labels: dict[str, str], gpus: int, taints: list[dict[str, str]]) -> dict[str, object]:
+def node(
+    name: str, *, labels: dict[str, str], gpus: int, taints: list[dict[str, str]], index: int
+) -> dict[str, object]:
     capacity = {"cpu": "32", "memory": "256Gi", "pods": "110", "ephemeral-storage": "500Gi"}
     if gpus:
         capacity["nvidia.com/gpu"] = str(gpus)
@@ -34,7 +36,8 @@ def node(name: str, *, labels: dict[str, str], gpus: int, taints: list[dict[str,
                 **labels,
             },
         },
-        "spec": {"taints": taints} if taints else {},
+        # Loopback pod addresses (see hack/kwok/config.yaml): nothing here may reach a private range.
+        "spec": {"podCIDR": f"127.{101 + index // 256}.{index % 256}.0/24", **({"taints": taints} if taints else {})},
         "status": {
             "capacity": capacity,
             "allocatable": capacity,
@@ -44,7 +47,7 @@ def node(name: str, *, labels: dict[str, str], gpus: int, taints: list[dict[str,
 
 
 def gpu_node(
-    prefix: str, index: int, *, product: str, major: int, minor: int, gpus: int
+    prefix: str, index: int, *, product: str, major: int, minor: int, gpus: int, serial: int
 ) -> dict[str, object]:
     labels = {
         "nvidia.com/gpu.present": "true",
@@ -52,22 +55,20 @@ def gpu_node(
         "nvidia.com/gpu.compute.major": str(major),
         "nvidia.com/gpu.compute.minor": str(minor),
         "nvidia.com/gpu.count": str(gpus),
-        "nvidia.com/gpu.family": {7: "turing", 8: "ampere" if minor == 0 else "ada-lovelace", 9: "hopper"}[
-            major
-        ],
+        "nvidia.com/gpu.family": {7: "turing", 8: "ampere" if minor == 0 else "ada-lovelace", 9: "hopper"}[major],
     }
     # GPU pools are tainted on the big clouds, so workloads must tolerate it to land there.
     taints = [{"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}]
-    return node(f"gpu-{prefix}-{index}", labels=labels, gpus=gpus, taints=taints)
+    return node(f"gpu-{prefix}-{index}", labels=labels, gpus=gpus, taints=taints, index=serial)
 
 
 def fleet(scale: int = 1) -> list[dict[str, object]]:
+    kinds = [(k, i) for k in GPU_KINDS for i in range(k[5] * scale)]
     nodes = [
-        gpu_node(prefix, i, product=product, major=major, minor=minor, gpus=gpus)
-        for prefix, product, major, minor, gpus, count in GPU_KINDS
-        for i in range(count * scale)
+        gpu_node(prefix, i, product=product, major=major, minor=minor, gpus=gpus, serial=serial)
+        for serial, ((prefix, product, major, minor, gpus, _), i) in enumerate(kinds)
     ]
-    nodes += [node(f"cpu-{i}", labels={}, gpus=0, taints=[]) for i in range(CPU_NODES)]
+    nodes += [node(f"cpu-{i}", labels={}, gpus=0, taints=[], index=len(kinds) + i) for i in range(CPU_NODES)]
     return nodes
 
 

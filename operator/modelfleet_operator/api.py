@@ -334,8 +334,7 @@ FP8_ARCHITECTURES = CelRule(
     rule="self.precision != 'fp8' || (has(self.architectures) && self.architectures.size() > 0 && "
     f"self.architectures.all(a, a.matches('{ARCHITECTURE_PATTERN}') && "
     f"int(a.substring(2)) >= {FP8_MIN_ARCHITECTURE}))",
-    message=f"precision fp8 needs architectures pinned to sm{FP8_MIN_ARCHITECTURE} or newer,"
-    " e.g. [sm89, sm90]",
+    message=f"precision fp8 needs architectures pinned to sm{FP8_MIN_ARCHITECTURE} or newer, e.g. [sm89, sm90]",
     field_path=".architectures",
 )
 FP8_BACKEND = CelRule(
@@ -413,8 +412,7 @@ class EngineSpec(_Spec):
         if len(set(self.architectures)) != len(self.architectures):
             raise ValueError("architectures must not repeat an entry")
         if self.precision == "fp8" and (
-            not self.architectures
-            or any(_architecture_number(a) < FP8_MIN_ARCHITECTURE for a in self.architectures)
+            not self.architectures or any(_architecture_number(a) < FP8_MIN_ARCHITECTURE for a in self.architectures)
         ):
             _fail(FP8_ARCHITECTURES)
         if self.precision == "fp8" and self.backend == "onnxruntime":
@@ -437,13 +435,9 @@ Quantity = Annotated[
 class ServingResources(_Spec):
     """Resources of each serving pod."""
 
-    gpu: int = Field(
-        1, ge=0, le=16, description="GPUs per pod (nvidia.com/gpu); 0 serves on CPU with ONNX Runtime."
-    )
+    gpu: int = Field(1, ge=0, le=16, description="GPUs per pod (nvidia.com/gpu); 0 serves on CPU with ONNX Runtime.")
     cpu: Quantity = Field("2", description="CPU request per pod, a Kubernetes quantity such as 2 or 500m.")
-    memory: Quantity = Field(
-        "8Gi", description="Memory request and limit per pod, a Kubernetes quantity such as 8Gi."
-    )
+    memory: Quantity = Field("8Gi", description="Memory request and limit per pod, a Kubernetes quantity such as 8Gi.")
 
 
 PREFERRED_LE_MAX = CelRule(
@@ -493,9 +487,7 @@ class Batching(_Spec):
     def _check(self) -> Batching:
         if len(set(self.preferred_batch_sizes)) != len(self.preferred_batch_sizes):
             raise ValueError("preferredBatchSizes must not repeat an entry")
-        if self.max_batch_size is not None and any(
-            b > self.max_batch_size for b in self.preferred_batch_sizes
-        ):
+        if self.max_batch_size is not None and any(b > self.max_batch_size for b in self.preferred_batch_sizes):
             _fail(PREFERRED_LE_MAX)
         return self
 
@@ -527,9 +519,7 @@ class Toleration(_Spec):
         max_length=317,
         description="Taint key to tolerate; empty with operator Exists matches every taint.",
     )
-    operator: Literal["Exists", "Equal"] = Field(
-        "Equal", description="Exists (any value) or Equal (value must match)."
-    )
+    operator: Literal["Exists", "Equal"] = Field("Equal", description="Exists (any value) or Equal (value must match).")
     value: str = Field("", max_length=63, description="Taint value to match with operator Equal.")
     effect: Literal["", "NoSchedule", "PreferNoSchedule", "NoExecute"] = Field(
         "", description="Taint effect to match; empty matches every effect."
@@ -577,9 +567,7 @@ class ServingSpec(_Spec):
     )
     resources: ServingResources = _nested(ServingResources, "Resources of each serving pod.")
     batching: Batching = _nested(Batching, "Dynamic batching in each serving pod (Triton's knobs).")
-    placement: Placement = _nested(
-        Placement, "Node selector, tolerations and affinity of serving and build pods."
-    )
+    placement: Placement = _nested(Placement, "Node selector, tolerations and affinity of serving and build pods.")
 
 
 # --- spec.autoscaling -----------------------------------------------------------------------------------
@@ -588,9 +576,7 @@ class ServingSpec(_Spec):
 class ScalingPolicy(_Spec):
     """One rate limit on scaling, as in the HPA: at most `value` pods or percent per `periodSeconds`."""
 
-    type: Literal["Pods", "Percent"] = Field(
-        description="Pods (an absolute count) or Percent (of current replicas)."
-    )
+    type: Literal["Pods", "Percent"] = Field(description="Pods (an absolute count) or Percent (of current replicas).")
     value: int = Field(ge=1, le=10_000, description="Pods or percent allowed to change within one period.")
     period_seconds: int = Field(15, ge=1, le=1800, description="Length of the period the limit applies to.")
 
@@ -602,8 +588,7 @@ class ScalingRules(_Spec):
         None,
         ge=0,
         le=3600,
-        description="Recommendations within this window are weighed; the safest wins."
-        " Absent: 0 up, 300 down.",
+        description="Recommendations within this window are weighed; the safest wins. Absent: 0 up, 300 down.",
     )
     policies: list[ScalingPolicy] = Field(
         default_factory=list,
@@ -661,9 +646,7 @@ class AutoscalingSpec(_Spec):
     target_p99_latency_milliseconds: float | None = Field(
         None, gt=0, le=600_000, description="p99 request latency to stay under, in milliseconds."
     )
-    behavior: ScalingBehavior = _nested(
-        ScalingBehavior, "Stabilization windows and rate limits, as in the HPA."
-    )
+    behavior: ScalingBehavior = _nested(ScalingBehavior, "Stabilization windows and rate limits, as in the HPA.")
 
     @model_validator(mode="after")
     def _check(self) -> AutoscalingSpec:
@@ -694,8 +677,7 @@ TENSORRT_NEEDS_GPU = CelRule(
     field_path=".serving.resources.gpu",
 )
 ARCHITECTURES_NEED_GPU = CelRule(
-    rule="!has(self.engine.architectures) || self.engine.architectures.size() == 0 || "
-    "self.serving.resources.gpu >= 1",
+    rule="!has(self.engine.architectures) || self.engine.architectures.size() == 0 || self.serving.resources.gpu >= 1",
     message="engine.architectures pins GPU architectures, so serving.resources.gpu must be >= 1",
     field_path=".serving.resources.gpu",
 )
@@ -705,16 +687,12 @@ class InferenceModelSpec(_Spec):
     """The desired state of an InferenceModel: a model, how to build its engines, and how to serve them."""
 
     model_config = ConfigDict(
-        json_schema_extra=_cel(
-            MAX_BATCH_LE_ENGINE, PREFERRED_LE_ENGINE, TENSORRT_NEEDS_GPU, ARCHITECTURES_NEED_GPU
-        )
+        json_schema_extra=_cel(MAX_BATCH_LE_ENGINE, PREFERRED_LE_ENGINE, TENSORRT_NEEDS_GPU, ARCHITECTURES_NEED_GPU)
     )
 
     model: ArtifactSource = Field(description="The ONNX model to build engines from.")
     engine: EngineSpec = _nested(EngineSpec, "How engines are built: backend, precision, profiles, gate.")
-    serving: ServingSpec = _nested(
-        ServingSpec, "How engines are served: image, resources, batching, placement."
-    )
+    serving: ServingSpec = _nested(ServingSpec, "How engines are served: image, resources, batching, placement.")
     replicas: int | None = Field(
         None,
         ge=0,
@@ -749,9 +727,7 @@ class Condition(_Status):
 
     type: str = Field(max_length=316, description="Condition type, e.g. Ready.")
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
-    observed_generation: int | None = Field(
-        None, ge=0, description="metadata.generation this condition reflects."
-    )
+    observed_generation: int | None = Field(None, ge=0, description="metadata.generation this condition reflects.")
     last_transition_time: datetime = Field(description="When status last changed.")
     reason: str = Field(max_length=1024, description="CamelCase reason for the last transition.")
     message: str = Field("", max_length=32768, description="Human-readable details.")
@@ -770,15 +746,11 @@ class EngineStatus(_Status):
 
     architecture: str = Field(description="GPU architecture, e.g. sm90, or cpu.")
     key: str = Field("", description="Content-addressed cache key of the engine in the engine store.")
-    build_id: str = Field(
-        "", description="Identifies the build inputs (model, options, image) the build Job ran for."
-    )
+    build_id: str = Field("", description="Identifies the build inputs (model, options, image) the build Job ran for.")
     phase: Literal["Pending", "Building", "Ready", "Failed"] = Field("Pending", description="Build phase.")
     job: str | None = Field(None, description="Name of the build Job.")
     backend: str | None = Field(None, description="Backend that built the engine: tensorrt or onnxruntime.")
-    backend_version: str | None = Field(
-        None, description="Version of TensorRT or ONNX Runtime that built it."
-    )
+    backend_version: str | None = Field(None, description="Version of TensorRT or ONNX Runtime that built it.")
     precision: str | None = Field(None, description="Effective precision of the engine.")
     accuracy: EngineAccuracy | None = Field(None, description="Measured accuracy against the FP32 reference.")
     build_seconds: float | None = Field(None, description="Build duration in seconds.")
@@ -804,9 +776,7 @@ class AutoscalerStatus(_Status):
     desired_replicas: int | None = Field(None, description="Replicas the autoscaler asked for.")
     current_replicas: int | None = Field(None, description="Replicas when it decided.")
     last_scale_time: datetime | None = Field(None, description="When replicas last changed.")
-    reason: str = Field(
-        "", description="Why it decided so: the signals, proposals and the limit that applied."
-    )
+    reason: str = Field("", description="Why it decided so: the signals, proposals and the limit that applied.")
 
 
 class InferenceModelStatus(_Status):
@@ -829,13 +799,9 @@ class InferenceModelStatus(_Status):
         description="Serving per architecture.",
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
     )
-    replicas: int | None = Field(
-        None, description="Serving replicas over all architectures (the scale subresource)."
-    )
+    replicas: int | None = Field(None, description="Serving replicas over all architectures (the scale subresource).")
     ready_replicas: int | None = Field(None, description="Ready serving replicas over all architectures.")
-    selector: str | None = Field(
-        None, description="Label selector of the serving pods (the scale subresource)."
-    )
+    selector: str | None = Field(None, description="Label selector of the serving pods (the scale subresource).")
     autoscaler: AutoscalerStatus | None = Field(None, description="The autoscaler's last decision.")
 
     def condition(self, type_: str) -> Condition | None:
@@ -858,9 +824,7 @@ class InferenceModel(BaseModel):
         alias_generator=to_camel, populate_by_name=True, extra="ignore", json_schema_extra=_cel(NAME_RULE)
     )
 
-    api_version: Literal["modelfleet.io/v1alpha1"] = Field(
-        "modelfleet.io/v1alpha1", description="API version."
-    )
+    api_version: Literal["modelfleet.io/v1alpha1"] = Field("modelfleet.io/v1alpha1", description="API version.")
     kind: Literal["InferenceModel"] = Field("InferenceModel", description="Kind.")
     metadata: dict[str, Any] = Field(default_factory=dict, description="Standard object metadata.")
     spec: InferenceModelSpec = Field(description="Desired state.")

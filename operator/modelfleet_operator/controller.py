@@ -9,7 +9,9 @@ from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from modelfleet_operator.api import InvalidInferenceModelError, parse_inference_model
+from modelfleet_operator.api import InferenceModel, InvalidInferenceModelError, parse_inference_model
+from modelfleet_operator.autoscaler.algorithm import AutoscalerConfig
+from modelfleet_operator.autoscaler.controller import Autoscaler, ServingPod
 from modelfleet_operator.k8s import ApiError, Kube, NamespaceTerminating, contains
 from modelfleet_operator.placement import NodeInfo
 from modelfleet_operator.reconcile import Observed, jobs_awaiting_results, parse_termination_message, plan
@@ -44,16 +46,19 @@ class Controller:
         self,
         settings: OperatorSettings,
         kube: Kube,
+        autoscaler: Autoscaler,
         *,
         workers: int = 4,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
-        self.settings, self.kube, self.workers, self.clock = settings, kube, workers, clock
+        self.settings, self.kube, self.autoscaler = settings, kube, autoscaler
+        self.workers, self.clock = workers, clock
         self.models: Index | None = None
         self.nodes: Index | None = None
         self.jobs: Index | None = None
         self.deployments: Index | None = None
         self.services: Index | None = None
+        self.pods: Index | None = None
         self._queue: asyncio.Queue[Key] = asyncio.Queue()
         self._queued: set[Key] = set()
         self._busy: set[Key] = set()
@@ -61,6 +66,7 @@ class Controller:
         self._node_summary: dict[str, NodeInfo] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self.autoscaled: dict[Key, int] = {}
+        self.autoscaler_status: dict[Key, dict[str, Any]] = {}
 
     def bind(self, **indices: Index) -> None:
         """Keep the live kopf indices (they are complete before any handler runs)."""
@@ -89,10 +95,9 @@ class Controller:
         self.enqueue_all()
 
     async def start(self) -> None:
-        self._tasks = [
-            asyncio.create_task(self._worker(), name=f"reconcile-{i}") for i in range(self.workers)
-        ]
+        self._tasks = [asyncio.create_task(self._worker(), name=f"reconcile-{i}") for i in range(self.workers)]
         self._tasks.append(asyncio.create_task(self._resync(), name="resync"))
+        self._tasks.append(asyncio.create_task(self._autoscale_loop(), name="autoscale"))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -100,11 +105,71 @@ class Controller:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self.autoscaler.close()
 
     async def _resync(self) -> None:
         while True:
             await asyncio.sleep(self.settings.resync_seconds)
             self.enqueue_all()
+
+    async def _autoscale_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.autoscale_interval_seconds)
+            keys = list(self.models.keys() if self.models is not None else ())
+            await asyncio.gather(*(self._autoscale_one(k) for k in keys), return_exceptions=False)
+
+    async def _autoscale_one(self, key: Key) -> None:
+        body = _first(self.models, key)
+        try:
+            im = parse_inference_model(body) if body is not None else None
+        except InvalidInferenceModelError:
+            im = None
+        if im is None or im.spec.autoscaling is None:
+            if key in self.autoscaled:
+                self.autoscaled.pop(key)
+                self.autoscaler_status.pop(key, None)
+                self.autoscaler.forget("/".join(key))
+            return
+        deployments = _by_name(self.deployments, key)
+        current = sum(int((d.get("spec") or {}).get("replicas", 0)) for d in deployments.values())
+        if not deployments:
+            return  # nothing serves yet: no metrics to read
+        try:
+            step = await self.autoscaler.step(
+                key="/".join(key),
+                model=im.metadata["name"],
+                config=self._autoscaler_config(im),
+                pods=self._serving_pods(key),
+                current_replicas=current,
+            )
+        except Exception:  # a broken scrape must not stop the other models' autoscaling
+            log.exception("autoscaling %s/%s failed", *key)
+            return
+        self.autoscaled[key] = step.desired_replicas
+        self.autoscaler_status[key] = step.status
+        if step.event is not None and body is not None:
+            kind, reason, message = step.event
+            await asyncio.to_thread(self.kube.emit_event, involved=body, type_=kind, reason=reason, message=message)
+        if step.desired_replicas != current or (body or {}).get("status", {}).get("autoscaler") != step.status:
+            self.enqueue(key)
+
+    @staticmethod
+    def _autoscaler_config(im: InferenceModel) -> AutoscalerConfig:
+        assert im.spec.autoscaling is not None
+        return AutoscalerConfig.model_validate(im.spec.autoscaling.model_dump(by_alias=True, exclude_none=True))
+
+    def _serving_pods(self, key: Key) -> list[ServingPod]:
+        store = self.pods.get(key) if self.pods is not None else None
+        return [
+            ServingPod(
+                name=p["name"],
+                ready=p["ready"],
+                host=p["ip"],
+                port=self.settings.serving_port,
+                startup_seconds=p["startup"],
+            )
+            for p in store or ()
+        ]
 
     async def _worker(self) -> None:
         while True:
@@ -151,6 +216,7 @@ class Controller:
             deployments=list(deployments.values()),
             build_results=results,
             autoscaled_replicas=self.autoscaled.get(key),
+            autoscaler_status=self.autoscaler_status.get(key),
         )
         decided = plan(im, observed, settings=self.settings, now=self.clock().replace(microsecond=0))
         current = {
@@ -203,12 +269,8 @@ class Controller:
             k: v for k, v in condition.items() if k != "lastTransitionTime"
         }:
             return
-        status["conditions"] = [condition] + [
-            c for c in status.get("conditions") or [] if c.get("type") != "Ready"
-        ]
-        await asyncio.to_thread(
-            self.kube.patch_status, namespace=meta["namespace"], name=meta["name"], status=status
-        )
+        status["conditions"] = [condition] + [c for c in status.get("conditions") or [] if c.get("type") != "Ready"]
+        await asyncio.to_thread(self.kube.patch_status, namespace=meta["namespace"], name=meta["name"], status=status)
         await asyncio.to_thread(
             self.kube.emit_event, involved=body, type_="Warning", reason="InvalidSpec", message=message
         )

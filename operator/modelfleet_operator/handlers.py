@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from datetime import datetime
 from typing import Any
 
 import kopf
@@ -13,6 +14,21 @@ from modelfleet_operator.resources import LABEL_COMPONENT, LABEL_MODEL, SERVING
 
 GROUP, VERSION, PLURAL = "modelfleet.io", "v1alpha1", "inferencemodels"
 OWNED = {LABEL_MODEL: kopf.PRESENT}
+
+
+def serving_pod(name: str, meta: kopf.Meta, status: kopf.Status) -> dict[str, Any]:
+    """What the autoscaler needs of a serving pod: address, readiness, and how long it took to get Ready."""
+    ready: dict[str, Any] = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
+    is_ready = ready.get("status") == "True" and not meta.get("deletionTimestamp")
+    startup = None
+    created, became_ready = meta.get("creationTimestamp"), ready.get("lastTransitionTime")
+    if is_ready and created and became_ready:
+        startup = (_parse_time(became_ready) - _parse_time(created)).total_seconds()
+    return {"name": name, "ready": is_ready, "ip": status.get("podIP"), "startup": startup}
+
+
+def _parse_time(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
 def register(registry: kopf.OperatorRegistry, controller: Controller) -> None:
@@ -63,6 +79,14 @@ def register(registry: kopf.OperatorRegistry, controller: Controller) -> None:
     def services(namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Any, Any]:
         return {(namespace, labels[LABEL_MODEL]): dict(body)}
 
+    @kopf.index("", "v1", "pods", labels={**OWNED, LABEL_COMPONENT: SERVING}, registry=registry, id="pods")
+    def pods(
+        namespace: str | None, name: str, labels: kopf.Labels, meta: kopf.Meta, status: kopf.Status, **_: Any
+    ) -> dict[Any, Any]:
+        return {(namespace, labels[LABEL_MODEL]): serving_pod(name, meta, status)}
+
+    # Handlers that touch the controller are async: kopf runs sync handlers in threads, and the
+    # controller's queue belongs to the event loop.
     def bind(kwargs: dict[str, Any]) -> None:
         controller.bind(
             models=kwargs["models"],
@@ -70,22 +94,23 @@ def register(registry: kopf.OperatorRegistry, controller: Controller) -> None:
             jobs=kwargs["jobs"],
             deployments=kwargs["deployments"],
             services=kwargs["services"],
+            pods=kwargs["pods"],
         )
 
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
-    def model_event(namespace: str | None, name: str, type: str, **kwargs: Any) -> None:
+    async def model_event(namespace: str | None, name: str, type: str, **kwargs: Any) -> None:
         bind(kwargs)
         if type != "DELETED" and namespace:
             controller.enqueue((namespace, name))
 
     @kopf.on.event("batch", "v1", "jobs", labels=OWNED, registry=registry)
     @kopf.on.event("apps", "v1", "deployments", labels={**OWNED, LABEL_COMPONENT: SERVING}, registry=registry)
-    def child_event(namespace: str | None, labels: kopf.Labels, **kwargs: Any) -> None:
+    async def child_event(namespace: str | None, labels: kopf.Labels, **kwargs: Any) -> None:
         bind(kwargs)
         if namespace:
             controller.enqueue((namespace, labels[LABEL_MODEL]))
 
     @kopf.on.event("", "v1", "nodes", registry=registry)
-    def node_event(body: kopf.Body, name: str, type: str, **kwargs: Any) -> None:
+    async def node_event(body: kopf.Body, name: str, type: str, **kwargs: Any) -> None:
         bind(kwargs)
         controller.node_changed(None if type == "DELETED" else NodeInfo.from_node(body), name)

@@ -38,9 +38,7 @@ def _translate(exc: ApiException) -> ApiError:
 def contains(actual: Any, desired: Any) -> bool:
     """Does `actual` hold every field of `desired` with the same value? (what the server added is ignored)"""
     if isinstance(desired, Mapping):
-        return isinstance(actual, Mapping) and all(
-            k in actual and contains(actual[k], v) for k, v in desired.items()
-        )
+        return isinstance(actual, Mapping) and all(k in actual and contains(actual[k], v) for k, v in desired.items())
     if isinstance(desired, list):
         return (
             isinstance(actual, list)
@@ -122,9 +120,7 @@ class Kube:
     def termination_message(self, *, namespace: str, job: str) -> str | None:
         """The build container's termination message of the Job's newest finished pod."""
         self.requests["list Pod"] += 1
-        pods = (
-            self._resource("v1", "Pod").get(namespace=namespace, label_selector=f"job-name={job}").to_dict()
-        )
+        pods = self._resource("v1", "Pod").get(namespace=namespace, label_selector=f"job-name={job}").to_dict()
         finished = []
         for pod in pods.get("items") or []:
             for cs in (pod.get("status") or {}).get("containerStatuses") or []:

@@ -7,7 +7,10 @@ import asyncio
 import logging
 
 import kopf
+from prometheus_client import start_http_server
 
+from modelfleet_operator.autoscaler.controller import Autoscaler
+from modelfleet_operator.autoscaler.sources import PodScrapeSource
 from modelfleet_operator.controller import Controller
 from modelfleet_operator.handlers import register
 from modelfleet_operator.k8s import Kube
@@ -23,6 +26,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="watch only this namespace (repeatable); default: the whole cluster",
     )
     parser.add_argument("--liveness-port", type=int, default=8081, help="port of /healthz (0: off)")
+    parser.add_argument("--metrics-port", type=int, default=0, help="port of the operator's /metrics (0: off)")
     parser.add_argument("--verbose", action="store_true", help="debug logging")
     return parser.parse_args(argv)
 
@@ -34,7 +38,10 @@ def main(argv: list[str]) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     settings = OperatorSettings(**({"namespaces": args.namespace} if args.namespace else {}))
-    controller = Controller(settings, Kube.from_environment())
+    autoscaler = Autoscaler(PodScrapeSource())
+    if args.metrics_port:
+        start_http_server(args.metrics_port, registry=autoscaler.registry)
+    controller = Controller(settings, Kube.from_environment(), autoscaler)
     registry = kopf.OperatorRegistry()
     register(registry, controller)
     liveness = f"http://0.0.0.0:{args.liveness_port}/healthz" if args.liveness_port else None

@@ -143,15 +143,11 @@ def _matches_expression(labels: Mapping[str, str], expr: Mapping[str, Any]) -> b
 
 
 def _matches_affinity(labels: Mapping[str, str], affinity: Mapping[str, Any]) -> bool:
-    required = (affinity.get("nodeAffinity") or {}).get(
-        "requiredDuringSchedulingIgnoredDuringExecution"
-    ) or {}
+    required = (affinity.get("nodeAffinity") or {}).get("requiredDuringSchedulingIgnoredDuringExecution") or {}
     terms = required.get("nodeSelectorTerms") or []
     if not terms:
         return True
-    return any(
-        all(_matches_expression(labels, e) for e in term.get("matchExpressions") or []) for term in terms
-    )
+    return any(all(_matches_expression(labels, e) for e in term.get("matchExpressions") or []) for term in terms)
 
 
 def eligible(node: NodeInfo, placement: Placement, *, gpus: int) -> bool:

@@ -46,8 +46,9 @@ class Observed:
     deployments: Sequence[Mapping[str, Any]] = ()
     # Parsed termination messages of finished build Jobs, by Job name (see `jobs_awaiting_results`).
     build_results: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-    # Replicas the autoscaler wants in all (None: spec.replicas rules).
+    # The autoscaler's latest decision this process made: replicas in all, and status.autoscaler.
     autoscaled_replicas: int | None = None
+    autoscaler_status: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -95,9 +96,7 @@ def _previous_engines(im: InferenceModel) -> dict[str, EngineStatus]:
     return {e.architecture: e for e in im.status.engines}
 
 
-def target_architectures(
-    im: InferenceModel, nodes: Sequence[NodeInfo]
-) -> tuple[dict[str, list[str]], list[str]]:
+def target_architectures(im: InferenceModel, nodes: Sequence[NodeInfo]) -> tuple[dict[str, list[str]], list[str]]:
     """Architectures to build and serve with their eligible nodes, and pinned ones that have no node."""
     spec = im.spec
     found = discover(nodes, spec.serving.placement, gpus=spec.serving.resources.gpu)
@@ -144,9 +143,7 @@ def _engine(
     if state == "Running":
         active = (job.get("status") or {}).get("active", 0)
         phase = "Building" if active else "Pending"
-        return base.model_copy(
-            update={"phase": phase, "message": "building" if active else "waiting for a node"}
-        ), True
+        return base.model_copy(update={"phase": phase, "message": "building" if active else "waiting for a node"}), True
     result = observed.build_results.get(name, {})
     if state == "Complete" and result.get("phase") == "Ready" and result.get("key"):
         accuracy = result.get("accuracy") or {}
@@ -173,9 +170,7 @@ def _engine(
         return base.model_copy(update={"phase": "Failed", "reason": "NoBuildResult", "message": why}), True
     failure_reason = result.get("reason") or reason or "BuildFailed"
     failure_message = result.get("message") or message or "the build Job failed"
-    return base.model_copy(
-        update={"phase": "Failed", "reason": failure_reason, "message": failure_message}
-    ), True
+    return base.model_copy(update={"phase": "Failed", "reason": failure_reason, "message": failure_message}), True
 
 
 def _deployment_for(observed: Observed, name: str) -> Mapping[str, Any] | None:
@@ -225,6 +220,24 @@ def _condition(
     )
 
 
+def desired_total(im: InferenceModel, observed: Observed) -> int:
+    """Replicas over all architectures: the autoscaler's when it is on, else spec.replicas (default 1).
+
+    Before this process's first autoscaling decision (say, right after a restart) the last recorded one
+    holds, or what is running: a restarted operator must not scale a model down to spec.replicas.
+    """
+    auto = im.spec.autoscaling
+    if auto is None:
+        return 1 if im.spec.replicas is None else im.spec.replicas
+    if observed.autoscaled_replicas is not None:
+        total = observed.autoscaled_replicas
+    elif im.status.autoscaler is not None and im.status.autoscaler.desired_replicas is not None:
+        total = im.status.autoscaler.desired_replicas
+    else:
+        total = sum(int((d.get("spec") or {}).get("replicas", 0)) for d in observed.deployments) or auto.min_replicas
+    return max(auto.min_replicas, min(auto.max_replicas, total))
+
+
 def plan(im: InferenceModel, observed: Observed, *, settings: OperatorSettings, now: datetime) -> Plan:
     """Everything to apply, delete, record and announce for one InferenceModel."""
     name, generation = im.metadata["name"], int(im.metadata.get("generation", 0))
@@ -251,16 +264,13 @@ def plan(im: InferenceModel, observed: Observed, *, settings: OperatorSettings, 
         elif existing is not None:
             serving[arch] = _engine_key_of(existing)
             kept.add(arch)
-    total = observed.autoscaled_replicas if observed.autoscaled_replicas is not None else im.spec.replicas
-    total = 1 if total is None else total
+    total = desired_total(im, observed)
     shares = split_across_architectures(
         total, [ArchitectureShare(name=a, nodes=len(targets[a])) for a in sorted(serving)]
     )
     for arch, key in sorted(serving.items()):
         if arch not in kept:
-            out.apply.append(
-                build_deployment(im, arch=arch, engine_key_=key, replicas=shares[arch], settings=settings)
-            )
+            out.apply.append(build_deployment(im, arch=arch, engine_key_=key, replicas=shares[arch], settings=settings))
     out.apply.append(build_service(im, settings=settings))
 
     for dep in observed.deployments:
@@ -340,17 +350,13 @@ def _status(
             "; ".join(f"{a}: {e.reason}: {e.message}" for a, e in sorted(failed.items())),
         )
     elif building:
-        engines_ready = cond(
-            ENGINES_READY, False, "Building", f"building engines for {', '.join(sorted(building))}"
-        )
+        engines_ready = cond(ENGINES_READY, False, "Building", f"building engines for {', '.join(sorted(building))}")
     else:
         engines_ready = cond(
             ENGINES_READY, True, "AllEnginesReady", f"{len(ready_engines)}/{len(engines)} engines ready"
         )
 
-    serving_ok = (
-        bool(serving) and len(present) == len(serving) and all(_available(d) for d in present.values())
-    )
+    serving_ok = bool(serving) and len(present) == len(serving) and all(_available(d) for d in present.values())
     if serving_ok:
         ready = cond(READY, True, "Serving", "serving on " + ", ".join(sorted(serving)))
     elif not serving:
@@ -371,9 +377,7 @@ def _status(
     )
     rolling = [a for a in rolling if a in engines and engines[a].phase == "Ready"]
     if building:
-        progressing = cond(
-            PROGRESSING, True, "Building", f"building engines for {', '.join(sorted(building))}"
-        )
+        progressing = cond(PROGRESSING, True, "Building", f"building engines for {', '.join(sorted(building))}")
     elif rolling:
         progressing = cond(PROGRESSING, True, "RollingOut", f"rolling out {', '.join(rolling)}")
     else:
@@ -384,9 +388,7 @@ def _status(
     if problems:
         kept = [a for a in failed if a in present]
         suffix = f" (still serving the previous engine on {', '.join(sorted(kept))})" if kept else ""
-        degraded = cond(
-            DEGRADED, True, "BuildFailed" if failed else "NoEligibleNodes", "; ".join(problems) + suffix
-        )
+        degraded = cond(DEGRADED, True, "BuildFailed" if failed else "NoEligibleNodes", "; ".join(problems) + suffix)
     else:
         degraded = cond(DEGRADED, False, "AsExpected", "no failure")
 
@@ -417,8 +419,11 @@ def _status(
         "readyReplicas": sum(int((d.get("status") or {}).get("readyReplicas", 0)) for d in present.values()),
         "selector": f"{LABEL_MODEL}={name},modelfleet.io/component=serving",
     }
-    if im.status.autoscaler is not None:
-        status["autoscaler"] = im.status.autoscaler.model_dump(mode="json", by_alias=True, exclude_none=True)
+    if im.spec.autoscaling is not None:
+        if observed.autoscaler_status is not None:
+            status["autoscaler"] = dict(observed.autoscaler_status)
+        elif im.status.autoscaler is not None:
+            status["autoscaler"] = im.status.autoscaler.model_dump(mode="json", by_alias=True, exclude_none=True)
     return status
 
 
@@ -438,17 +443,13 @@ def _engine_events(im: InferenceModel, engines: Mapping[str, EngineStatus]) -> l
                 )
             )
         elif e.phase == "Ready":
-            events.append(
-                EventSpec("Normal", "EngineReady", f"{arch}: engine {e.key[:16]} ready ({e.message})")
-            )
+            events.append(EventSpec("Normal", "EngineReady", f"{arch}: engine {e.key[:16]} ready ({e.message})"))
         elif e.phase == "Failed":
             events.append(EventSpec("Warning", "BuildFailed", f"{arch}: {e.reason}: {e.message}"))
     return events
 
 
-def _rollout_events(
-    observed: Observed, name: str, serving: Mapping[str, str], kept: set[str]
-) -> list[EventSpec]:
+def _rollout_events(observed: Observed, name: str, serving: Mapping[str, str], kept: set[str]) -> list[EventSpec]:
     events = []
     for arch, key in sorted(serving.items()):
         if arch in kept:

@@ -102,16 +102,13 @@ def build_options(spec: InferenceModelSpec, settings: OperatorSettings) -> Build
     engine = spec.engine
     calibration = None
     if engine.calibration is not None:
-        calibration = Calibration(
-            path=model_path(engine.calibration.uri, settings), sha256=engine.calibration.sha256
-        )
+        calibration = Calibration(path=model_path(engine.calibration.uri, settings), sha256=engine.calibration.sha256)
     return BuildOptions(
         backend=engine.backend,
         precision=engine.precision,
         batch=BatchProfile(min=engine.batch.min, opt=engine.batch.opt, max=engine.batch.max),
         shapes={
-            name: ShapeRange(min=tuple(r.min), opt=tuple(r.opt), max=tuple(r.max))
-            for name, r in engine.shapes.items()
+            name: ShapeRange(min=tuple(r.min), opt=tuple(r.opt), max=tuple(r.max)) for name, r in engine.shapes.items()
         },
         calibration=calibration,
         accuracy=AccuracyGate(
@@ -272,12 +269,8 @@ def _volumes(
         uris = [im.spec.model.uri] + ([im.spec.engine.calibration.uri] if im.spec.engine.calibration else [])
         claims = sorted({urlparse(u).netloc for u in uris if urlparse(u).scheme == "pvc"})
         for i, claim in enumerate(claims):
-            volumes.append(
-                {"name": f"models-{i}", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
-            )
-            mounts.append(
-                {"name": f"models-{i}", "mountPath": f"{settings.models_path}/{claim}", "readOnly": True}
-            )
+            volumes.append({"name": f"models-{i}", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
+            mounts.append({"name": f"models-{i}", "mountPath": f"{settings.models_path}/{claim}", "readOnly": True})
     return volumes, mounts
 
 
@@ -374,9 +367,7 @@ def runtime_env(spec: InferenceModelSpec) -> list[dict[str, str]]:
     """Serving settings for `modelfleet serve`, as its MODELFLEET_ environment."""
     b = spec.serving.batching
     env = {
-        "MODELFLEET_MAX_BATCH_SIZE": b.max_batch_size
-        if b.max_batch_size is not None
-        else spec.engine.batch.max,
+        "MODELFLEET_MAX_BATCH_SIZE": b.max_batch_size if b.max_batch_size is not None else spec.engine.batch.max,
         "MODELFLEET_MAX_QUEUE_DELAY_MICROSECONDS": b.max_queue_delay_microseconds,
         "MODELFLEET_MAX_QUEUE_SIZE": b.max_queue_size,
         "MODELFLEET_DEFAULT_TIMEOUT_MICROSECONDS": b.default_timeout_microseconds,
@@ -461,8 +452,7 @@ def build_deployment(
                     "automountServiceAccountToken": False,
                     "enableServiceLinks": False,
                     "securityContext": _pod_security(name),
-                    "terminationGracePeriodSeconds": settings.termination_grace_seconds
-                    + settings.drain_seconds,
+                    "terminationGracePeriodSeconds": settings.termination_grace_seconds + settings.drain_seconds,
                     "tolerations": tolerations_for(spec.serving.placement, gpus=gpus),
                     "affinity": _node_affinity(arch, spec.serving.placement, gpus=gpus),
                     "nodeSelector": dict(spec.serving.placement.node_selector),

@@ -25,14 +25,10 @@ class OperatorSettings(BaseSettings):
         "modelfleet-engines",
         description="PersistentVolumeClaim, in each InferenceModel's namespace, holding the engine store.",
     )
-    engine_store_path: str = Field(
-        "/var/lib/modelfleet/engines", description="Mount path of the engine store."
-    )
+    engine_store_path: str = Field("/var/lib/modelfleet/engines", description="Mount path of the engine store.")
     models_path: str = Field("/models", description="Where pvc:// model volumes are mounted: <path>/<claim>.")
     serving_port: int = Field(8080, ge=1, le=65535, description="HTTP port of the runtime in serving pods.")
-    build_backoff_limit: int = Field(
-        1, ge=0, description="Retries of a build pod that failed for a transient reason."
-    )
+    build_backoff_limit: int = Field(1, ge=0, description="Retries of a build pod that failed for a transient reason.")
     build_active_deadline_seconds: int = Field(7200, ge=60, description="A build running longer is failed.")
     build_ttl_seconds_after_finished: int = Field(
         86400, ge=0, description="Finished build Jobs are removed after this."
@@ -45,10 +41,6 @@ class OperatorSettings(BaseSettings):
     termination_grace_seconds: int = Field(
         60, ge=1, description="Grace period of serving pods: drain plus finishing work."
     )
-    namespaces: list[str] = Field(
-        default_factory=list, description="Namespaces to watch; empty watches the cluster."
-    )
-    resync_seconds: float = Field(
-        300, gt=0, description="Every InferenceModel is reconciled at least this often."
-    )
+    namespaces: list[str] = Field(default_factory=list, description="Namespaces to watch; empty watches the cluster.")
+    resync_seconds: float = Field(300, gt=0, description="Every InferenceModel is reconciled at least this often.")
     autoscale_interval_seconds: float = Field(15, gt=0, description="How often the autoscaler decides.")

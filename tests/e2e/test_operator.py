@@ -323,6 +323,8 @@ def test_an_operator_killed_mid_reconcile_restarts_without_duplicates(
     operator.kill()
     operator.start()
     wait_ready(cluster, ns)
+    wait_for("all 4 engines", lambda: model_status(cluster, ns).get("engineSummary") == "4/4")
+    wait_for("4 Deployments", lambda: len(deployments(cluster, ns)) == 4)
     built = jobs(cluster, ns)
     assert sorted(j["metadata"]["labels"]["modelfleet.io/architecture"] for j in built) == ARCHS
     assert len(deployments(cluster, ns)) == 4
@@ -376,3 +378,19 @@ def test_a_pinned_architecture_without_nodes_is_reported(
         and degraded["reason"] == "NoEligibleNodes"
         and "sm100" in degraded["message"]
     )
+
+
+def test_autoscaling_takes_over_replicas_and_explains_itself(
+        cluster: Cluster, model_namespace: str, operator: OperatorProcess) -> None:
+    # KWOK pods run nothing and have loopback IPs: every scrape is refused, so metrics are unavailable.
+    # The HPA then neither scales down nor guesses up; the model runs minReplicas and says why.
+    ns = model_namespace
+    apply_model(cluster, ns, replicas=1, autoscaling={"minReplicas": 5, "maxReplicas": 12, "targetQPSPerReplica": 50})
+    wait_ready(cluster, ns)
+    wait_for("5 replicas (minReplicas)",
+             lambda: sum(d["spec"]["replicas"] for d in deployments(cluster, ns).values()) == 5)
+    status = wait_for("status.autoscaler", lambda: model_status(cluster, ns).get("autoscaler"), timeout=120)
+    assert status["desiredReplicas"] == 5
+    assert status["reason"]
+    assert wait_for("an autoscaler Event", lambda: [e for e in events(cluster, ns) if e["reason"] in {
+        "MetricsUnavailable", "NoChange", "ScaledUp"}], timeout=120)

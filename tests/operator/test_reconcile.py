@@ -400,3 +400,42 @@ def test_status_serializes_to_json_the_api_server_stores_unchanged() -> None:
     status = im.model_dump(mode="json", by_alias=True, exclude_none=True)["status"]
     assert json.loads(json.dumps(status)) == status
     assert all(c["lastTransitionTime"].endswith("Z") for c in status["conditions"])
+
+
+AUTOSCALING = {"minReplicas": 2, "maxReplicas": 10, "targetQPSPerReplica": 100}
+
+
+def test_autoscaled_models_follow_the_autoscaler_within_bounds() -> None:
+    from modelfleet_operator.reconcile import desired_total
+
+    im = model(replicas=1, autoscaling=AUTOSCALING)
+    assert desired_total(im, Observed(nodes=FLEET, autoscaled_replicas=7)) == 7
+    assert desired_total(im, Observed(nodes=FLEET, autoscaled_replicas=50)) == 10
+    assert desired_total(im, Observed(nodes=FLEET)) == 2  # nothing running, nothing decided: minReplicas
+    assert desired_total(model(replicas=3), Observed(nodes=FLEET, autoscaled_replicas=7)) == 3  # off: spec rules
+
+
+def test_a_restarted_operator_keeps_the_last_autoscaling_decision_not_spec_replicas() -> None:
+    from modelfleet_operator.reconcile import desired_total
+
+    im, _, deployments = serve(model(replicas=1, autoscaling=AUTOSCALING))
+    status = im.model_dump(mode="json", by_alias=True)["status"]
+    status["autoscaler"] = {"desiredReplicas": 6, "currentReplicas": 4, "reason": "ScaledUp"}
+    im = with_status(im, status)
+    assert desired_total(im, Observed(nodes=FLEET, deployments=deployments)) == 6
+    status.pop("autoscaler")
+    im = with_status(im, status)
+    running = sum(d["spec"]["replicas"] for d in deployments)
+    assert desired_total(im, Observed(nodes=FLEET, deployments=deployments)) == max(2, running)
+
+
+def test_the_autoscalers_status_is_recorded_and_dropped_when_autoscaling_is_removed() -> None:
+    im, jobs, deployments = serve(model(autoscaling=AUTOSCALING))
+    decision = {"qps": 12.5, "desiredReplicas": 3, "currentReplicas": 2, "reason": "ScaledUp: QPS 12.5"}
+    p = plan(im, Observed(nodes=FLEET, jobs=jobs, deployments=deployments, autoscaled_replicas=3,
+                          autoscaler_status=decision), settings=SETTINGS, now=NOW)
+    assert p.status["autoscaler"] == decision
+    assert sum(d["spec"]["replicas"] for d in kinds(p, "Deployment")) == 3
+    off = with_status(model(), p.status)
+    assert "autoscaler" not in plan(off, Observed(nodes=FLEET, jobs=jobs, deployments=deployments),
+                                    settings=SETTINGS, now=NOW).status

@@ -149,9 +149,7 @@ class AutoscalerConfig(CamelModel):
     @model_validator(mode="after")
     def _check(self) -> AutoscalerConfig:
         if self.min_replicas > self.max_replicas:
-            raise ValueError(
-                f"minReplicas ({self.min_replicas}) must not exceed maxReplicas ({self.max_replicas})"
-            )
+            raise ValueError(f"minReplicas ({self.min_replicas}) must not exceed maxReplicas ({self.max_replicas})")
         if self.target_qps_per_replica is None and self.target_p99_latency_milliseconds is None:
             raise ValueError("set at least one of targetQPSPerReplica and targetP99LatencyMilliseconds")
         return self
@@ -592,9 +590,7 @@ def decide(config: AutoscalerConfig, observation: Observation, state: Autoscaler
         new_state: AutoscalerState,
     ) -> Decision:
         if desired != current:
-            new_state = _record_scale_event(
-                new_state, now=now, previous=current, new=desired, up=up, down=down
-            )
+            new_state = _record_scale_event(new_state, now=now, previous=current, new=desired, up=up, down=down)
         return Decision(
             desired_replicas=desired,
             current_replicas=current,
@@ -635,22 +631,16 @@ def decide(config: AutoscalerConfig, observation: Observation, state: Autoscaler
 
     forget = config.capacity_memory_seconds
     qps_per_ready = (
-        total_qps / sum(1 for p in observation.pods if p.ready and p.qps is not None)
-        if total_qps is not None
-        else None
+        total_qps / sum(1 for p in observation.pods if p.ready and p.qps is not None) if total_qps is not None else None
     )
     target_s = (
-        None
-        if config.target_p99_latency_milliseconds is None
-        else config.target_p99_latency_milliseconds / 1000.0
+        None if config.target_p99_latency_milliseconds is None else config.target_p99_latency_milliseconds / 1000.0
     )
     starting = sum(1 for p in observation.pods if not p.ready or p.qps is None)
     # After a scale-up, latency keeps showing the backlog of the under-provisioned spell until the new
     # pods have started and a few windows have passed; until then a p99 breach is old news.
     settle = (observation.startup_seconds or 0.0) + 3 * DEFAULT_SYNC_PERIOD_SECONDS
-    settling = starting > 0 or (
-        state.last_scale_up_time is not None and now - state.last_scale_up_time < settle
-    )
+    settling = starting > 0 or (state.last_scale_up_time is not None and now - state.last_scale_up_time < settle)
     # This decision sizes with the knee learned so far; what this window teaches is kept for the next
     # one (so the result stays monotonic in the load just observed).
     knee = (

@@ -91,9 +91,7 @@ class ResolvedRules:
         return max((p.period_seconds for p in self.policies), default=0)
 
 
-def resolve_rules(
-    rules: ScalingRules | None, *, direction: Literal["up", "down"], tolerance: float
-) -> ResolvedRules:
+def resolve_rules(rules: ScalingRules | None, *, direction: Literal["up", "down"], tolerance: float) -> ResolvedRules:
     """Fill unset fields field by field, as the API server's HPA defaulting does."""
     rules = rules or ScalingRules()
     if direction == "up":

@@ -160,9 +160,7 @@ def _reset(previous: Snapshot, current: Snapshot) -> bool:
         return True
     if previous.request_duration is not None and current.request_duration is not None:
         prev_h, cur_h = previous.request_duration, current.request_duration
-        if prev_h.bounds == cur_h.bounds and any(
-            c < p for c, p in zip(cur_h.counts, prev_h.counts, strict=True)
-        ):
+        if prev_h.bounds == cur_h.bounds and any(c < p for c, p in zip(cur_h.counts, prev_h.counts, strict=True)):
             return True
     return False
 
@@ -244,9 +242,7 @@ def build_observation(
     pods without both become "missing"; p99 merges the histogram deltas of the pods that have both, and
     is unavailable (not "idle") when no pod has both.
     """
-    windows = tuple(
-        build_pod_window(p.name, previous.get(p.name), current.get(p.name)) for p in pods if p.ready
-    )
+    windows = tuple(build_pod_window(p.name, previous.get(p.name), current.get(p.name)) for p in pods if p.ready)
     by_name = {w.name: w for w in windows}
     pod_observations = tuple(
         PodObservation(name=p.name, ready=p.ready, qps=by_name[p.name].qps if p.ready else None) for p in pods

@@ -83,15 +83,11 @@ async def scrape_pod(
                     return ScrapeOutcome(endpoint.name, None, f"HTTP {response.status} from {endpoint.url}")
                 body = await response.content.read(max_bytes + 1)
                 if len(body) > max_bytes:
-                    return ScrapeOutcome(
-                        endpoint.name, None, f"{endpoint.url} answered over {max_bytes} bytes"
-                    )
+                    return ScrapeOutcome(endpoint.name, None, f"{endpoint.url} answered over {max_bytes} bytes")
         text = body.decode("utf-8", errors="replace")
         return ScrapeOutcome(endpoint.name, parse_snapshot(text, model=model, time=loop.time()))
     except TimeoutError:
-        return ScrapeOutcome(
-            endpoint.name, None, f"timed out after {timeout_seconds:g}s scraping {endpoint.url}"
-        )
+        return ScrapeOutcome(endpoint.name, None, f"timed out after {timeout_seconds:g}s scraping {endpoint.url}")
     except (aiohttp.ClientError, OSError) as exc:
         return ScrapeOutcome(endpoint.name, None, f"cannot scrape {endpoint.url}: {exc!r}")
     except MetricsParseError as exc:
@@ -235,9 +231,7 @@ class PrometheusSource:
                 async with session.get(url, params={"query": promql}) as response:
                     payload = await response.json(content_type=None)
         except TimeoutError as exc:
-            raise PrometheusError(
-                f"Prometheus query timed out after {self.timeout_seconds:g}s: {promql}"
-            ) from exc
+            raise PrometheusError(f"Prometheus query timed out after {self.timeout_seconds:g}s: {promql}") from exc
         except (aiohttp.ClientError, OSError, ValueError) as exc:
             raise PrometheusError(f"Prometheus query failed ({exc!r}): {promql}") from exc
         if not isinstance(payload, dict) or payload.get("status") != "success":
@@ -249,9 +243,7 @@ class PrometheusSource:
         if data["resultType"] == "scalar":
             return [({}, float(data["result"][1]))]
         try:
-            return [
-                (dict(item.get("metric", {})), float(item["value"][1])) for item in data.get("result", [])
-            ]
+            return [(dict(item.get("metric", {})), float(item["value"][1])) for item in data.get("result", [])]
         except (KeyError, IndexError, TypeError, ValueError) as exc:
             raise PrometheusError(f"malformed Prometheus result ({exc!r}): {promql}") from exc
 
@@ -264,9 +256,7 @@ class PrometheusSource:
         current_replicas: int,
         now: float,
     ) -> SourceReport:
-        queries = build_queries(
-            model=model, namespace=namespace, window=self.window, pod_label=self.pod_label
-        )
+        queries = build_queries(model=model, namespace=namespace, window=self.window, pod_label=self.pod_label)
         errors: list[str] = []
         per_pod: dict[str, float] = {}
         p99: float | None = None
@@ -292,8 +282,7 @@ class PrometheusSource:
             now=now,
             current_replicas=current_replicas,
             pods=tuple(
-                PodObservation(name=p.name, ready=p.ready, qps=per_pod.get(p.name) if p.ready else None)
-                for p in pods
+                PodObservation(name=p.name, ready=p.ready, qps=per_pod.get(p.name) if p.ready else None) for p in pods
             ),
             p99_seconds=p99,
             latency_count=count,
