@@ -67,6 +67,9 @@ class Controller:
         self._tasks: list[asyncio.Task[None]] = []
         self.autoscaled: dict[Key, int] = {}
         self.autoscaler_status: dict[Key, dict[str, Any]] = {}
+        # The status we last wrote, with the resourceVersion it got: the watch cache may still hold an older
+        # one, and deciding from that would announce the same Events twice and write the same status again.
+        self._written: dict[Key, tuple[int, dict[str, Any]]] = {}
 
     def bind(self, **indices: Index) -> None:
         """Keep the live kopf indices (they are complete before any handler runs)."""
@@ -195,8 +198,12 @@ class Controller:
     async def reconcile(self, key: Key) -> None:
         body = _first(self.models, key)
         if body is None or body["metadata"].get("deletionTimestamp"):
+            self._written.pop(key, None)
             return  # deleted: ownerReferences let the garbage collector remove the children
         namespace, name = key
+        written = self._written.get(key)
+        if written is not None and _resource_version(body) < written[0]:
+            body = {**body, "status": written[1]}
         try:
             im = parse_inference_model(body)
         except InvalidInferenceModelError as exc:
@@ -236,12 +243,13 @@ class Controller:
                 name=ref.name,
             )
         if decided.status != (body.get("status") or {}):
-            await asyncio.to_thread(
+            version = await asyncio.to_thread(
                 self.kube.patch_status,
                 namespace=namespace,
                 name=name,
                 status=_with_removals(body.get("status") or {}, decided.status),
             )
+            self._written[key] = (_resource_version({"metadata": {"resourceVersion": version}}), decided.status)
         for event in decided.events:
             await asyncio.to_thread(
                 self.kube.emit_event,
@@ -274,6 +282,14 @@ class Controller:
         await asyncio.to_thread(
             self.kube.emit_event, involved=body, type_="Warning", reason="InvalidSpec", message=message
         )
+
+
+def _resource_version(body: Mapping[str, Any]) -> int:
+    """etcd-backed resourceVersions are increasing integers; anything else compares as 'unknown' (0)."""
+    try:
+        return int(body["metadata"].get("resourceVersion", 0))
+    except (TypeError, ValueError):
+        return 0
 
 
 def _with_removals(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:

@@ -100,13 +100,16 @@ class Kube:
             if exc.status != 404:
                 raise _translate(exc) from None
 
-    def patch_status(self, *, namespace: str, name: str, status: Mapping[str, Any]) -> None:
-        """Replace the status we own (merge patch on the status subresource; spec is never written)."""
+    def patch_status(self, *, namespace: str, name: str, status: Mapping[str, Any]) -> str:
+        """Replace the status we own (merge patch on the status subresource; spec is never written).
+
+        Returns the object's new resourceVersion.
+        """
         self.requests["patch InferenceModel/status"] += 1
         resource = self._resource(f"{GROUP}/{VERSION}", KIND)
         # Lists are replaced whole by a merge patch; fields we no longer report are set to null.
         try:
-            self._dynamic.patch(
+            updated = self._dynamic.patch(
                 resource.subresources["status"],
                 body={"status": dict(status)},
                 name=name,
@@ -116,6 +119,7 @@ class Kube:
             )
         except ApiException as exc:
             raise _translate(exc) from None
+        return str(updated.metadata.resourceVersion)
 
     def termination_message(self, *, namespace: str, job: str) -> str | None:
         """The build container's termination message of the Job's newest finished pod."""

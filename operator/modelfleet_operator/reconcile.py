@@ -193,9 +193,9 @@ def _rolled_out(deployment: Mapping[str, Any], *, replicas: int | None = None) -
     )
 
 
-def _available(deployment: Mapping[str, Any]) -> bool:
-    want = int((deployment.get("spec") or {}).get("replicas", 1))
-    return int((deployment.get("status") or {}).get("availableReplicas", 0)) >= want
+def _serving(deployment: Mapping[str, Any] | None) -> bool:
+    """Does this Deployment answer requests? (scaling up or rolling is Progressing, not un-Ready)"""
+    return deployment is not None and int((deployment.get("status") or {}).get("availableReplicas", 0)) >= 1
 
 
 def _condition(
@@ -356,9 +356,13 @@ def _status(
             ENGINES_READY, True, "AllEnginesReady", f"{len(ready_engines)}/{len(engines)} engines ready"
         )
 
-    serving_ok = bool(serving) and len(present) == len(serving) and all(_available(d) for d in present.values())
-    if serving_ok:
-        ready = cond(READY, True, "Serving", "serving on " + ", ".join(sorted(serving)))
+    # Ready means serving: every architecture that should have replicas answers on at least one.
+    wanted = sorted(a for a in serving if shares.get(a, 0) > 0 or a not in shares)
+    waiting = [a for a in wanted if not _serving(present.get(a))]
+    if serving and not wanted:
+        ready = cond(READY, False, "ScaledToZero", "replicas is 0: nothing serves")
+    elif serving and not waiting:
+        ready = cond(READY, True, "Serving", "serving on " + ", ".join(wanted))
     elif not serving:
         ready = cond(
             READY,
@@ -367,8 +371,7 @@ def _status(
             "no architecture has a Ready engine yet: " + engines_ready.message,
         )
     else:
-        waiting = sorted(a for a in serving if a not in present or not _available(present[a]))
-        ready = cond(READY, False, "Unavailable", f"waiting for available replicas on {', '.join(waiting)}")
+        ready = cond(READY, False, "Unavailable", f"waiting for an available replica on {', '.join(waiting)}")
 
     rolling = sorted(
         a

@@ -8,6 +8,9 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlparse
 
+from modelfleet_operator.api import InferenceModel, InferenceModelSpec, Placement
+from modelfleet_operator.placement import CPU, GPU_RESOURCE, architecture_selector, tolerations_for
+from modelfleet_operator.settings import OperatorSettings
 from modelfleet_runtime.build import EXIT_CODES
 from modelfleet_runtime.build.key import engine_key
 from modelfleet_runtime.build.options import (
@@ -18,10 +21,6 @@ from modelfleet_runtime.build.options import (
     ShapeRange,
     TensorRTOptions,
 )
-
-from modelfleet_operator.api import InferenceModel, InferenceModelSpec, Placement
-from modelfleet_operator.placement import CPU, GPU_RESOURCE, architecture_selector, tolerations_for
-from modelfleet_operator.settings import OperatorSettings
 
 GROUP = "modelfleet.io"
 LABEL_MODEL = f"{GROUP}/model"

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import yaml
+
+from hack import sa_kubeconfig
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER_SH = ROOT / "hack" / "cluster.sh"
@@ -211,20 +212,8 @@ class OperatorProcess:
 
 def service_account_kubeconfig(cluster: Cluster, namespace: str, account: str, path: Path) -> Path:
     """A kubeconfig that authenticates with a fresh token of `account`: the operator gets exactly its RBAC."""
-    admin = yaml.safe_load(cluster.kubeconfig.read_text())
     token = cluster.kubectl("-n", namespace, "create", "token", account, "--duration=4h").stdout.strip()
-    context = next(c for c in admin["contexts"] if c["name"] == admin["current-context"])
-    cluster_entry = next(c for c in admin["clusters"] if c["name"] == context["context"]["cluster"])
-    config = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "current-context": "sa",
-        "clusters": [{"name": "local", "cluster": cluster_entry["cluster"]}],
-        "users": [{"name": account, "user": {"token": token}}],
-        "contexts": [{"name": "sa", "context": {"cluster": "local", "user": account}}],
-    }
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return sa_kubeconfig.service_account_kubeconfig(cluster.kubeconfig, token, path, user=account)
 
 
 OPERATOR_NAMESPACE = "modelfleet-system"

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 import yaml
-from modelfleet_operator import api, crdgen
 
+from modelfleet_operator import api, crdgen
 from tests.operator.test_api import BASE, EXAMPLES, INVALID_MANIFESTS, STATUS, Invalid, load_yaml
 
 pytestmark = pytest.mark.e2e

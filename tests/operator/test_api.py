@@ -16,8 +16,9 @@ from typing import Any
 
 import pytest
 import yaml
-from modelfleet_operator import api, crdgen
 from pydantic import BaseModel
+
+from modelfleet_operator import api, crdgen
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))

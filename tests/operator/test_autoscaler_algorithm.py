@@ -7,6 +7,8 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
+
 from modelfleet_operator.autoscaler.algorithm import (
     ArchitectureShare,
     AutoscalerConfig,
@@ -21,7 +23,6 @@ from modelfleet_operator.autoscaler.algorithm import (
     learned_capacity,
     split_across_architectures,
 )
-from pydantic import ValidationError
 
 # The algorithm reduced to the HPA: p99 by HPA ratio arithmetic, HPA rate limits, a fixed 300 s window.
 HPA_LIKE: dict[str, Any] = {

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 import aiohttp
 import pytest
 from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
 from modelfleet_operator.autoscaler.metrics import (
     Histogram as Hist,
 )
@@ -32,7 +34,6 @@ from modelfleet_operator.autoscaler.sources import (
     PrometheusSource,
     build_queries,
 )
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 INF = math.inf
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from modelfleet_operator import api, crdgen
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+
 from modelfleet_operator.api import InferenceModel, parse_inference_model
 from modelfleet_operator.placement import NodeInfo
 from modelfleet_operator.reconcile import (
@@ -439,3 +440,28 @@ def test_the_autoscalers_status_is_recorded_and_dropped_when_autoscaling_is_remo
     off = with_status(model(), p.status)
     assert "autoscaler" not in plan(off, Observed(nodes=FLEET, jobs=jobs, deployments=deployments),
                                     settings=SETTINGS, now=NOW).status
+
+
+def test_scaling_up_keeps_ready_and_reports_progress() -> None:
+    im, jobs, deployments = serve(model(replicas=4))
+    scaled = with_status(model(replicas=8), im.model_dump(mode="json", by_alias=True)["status"], generation=2)
+    p = plan(scaled, Observed(nodes=FLEET, jobs=jobs, deployments=deployments), settings=SETTINGS, now=NOW)
+    growing = []
+    for desired in kinds(p, "Deployment"):
+        dep = ready_deployment(desired)
+        dep["metadata"]["generation"] = 2
+        dep["status"].update({"observedGeneration": 2, "availableReplicas": 1, "readyReplicas": 1})
+        growing.append(dep)
+    during = plan(with_status(scaled, p.status), Observed(nodes=FLEET, jobs=jobs, deployments=growing),
+                  settings=SETTINGS, now=NOW)
+    assert cond(during, "Ready")["status"] == "True"
+    assert cond(during, "Progressing")["reason"] == "RollingOut"
+    assert not [e for e in during.events if e.reason == "NotReady"]
+
+
+def test_zero_replicas_is_not_ready_and_says_so() -> None:
+    im, jobs, deployments = serve(model(replicas=2))
+    zero = with_status(model(replicas=0), im.model_dump(mode="json", by_alias=True)["status"])
+    p = plan(zero, Observed(nodes=FLEET, jobs=jobs, deployments=deployments), settings=SETTINGS, now=NOW)
+    assert sum(d["spec"]["replicas"] for d in kinds(p, "Deployment")) == 0
+    assert cond(p, "Ready")["reason"] == "ScaledToZero"

@@ -121,8 +121,11 @@ class Autoscaler:
             self._last_scale_time[key] = self.wall_clock().strftime("%Y-%m-%dT%H:%M:%SZ")
         # Unknown figures are left out rather than null: the API server stores no nulls, so a null would
         # differ from the stored status on every tick and cost a write each time.
-        status = {k: v for k, v in build_status(decision, last_scale_time=self._last_scale_time.get(key)).items()
-                  if v is not None}
+        status = {
+            k: v
+            for k, v in build_status(decision, last_scale_time=self._last_scale_time.get(key)).items()
+            if v is not None
+        }
         news = (decision.reason, decision.desired_replicas)
         event = None
         if decision.desired_replicas != current_replicas or self._last.get(key, (None, None))[0] != decision.reason:
