@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from bench.autoscale_engine import View, ceil_div
 from modelfleet_operator.autoscaler.algorithm import (
     AutoscalerConfig,
     AutoscalerState,
@@ -23,8 +24,6 @@ from modelfleet_operator.autoscaler.algorithm import (
     PodObservation,
     decide,
 )
-
-from bench.autoscale_engine import View, ceil_div
 
 MIN_REPLICAS = 1
 MAX_REPLICAS = 400

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
-from modelfleet_operator.autoscaler.metrics import Histogram, histogram_quantile
 
 from bench.autoscale_model import DURATION_BUCKETS, ServiceModel, latency_cdf, latency_params
+from modelfleet_operator.autoscaler.metrics import Histogram, histogram_quantile
 
 BOUNDS = np.array(DURATION_BUCKETS[:-1])
 

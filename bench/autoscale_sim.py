@@ -29,11 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from modelfleet_operator.autoscaler.algorithm import LatencyStep
 
 from bench.autoscale_controllers import Hpa, Kpa, Ours
 from bench.autoscale_engine import Controller, RunResult, simulate
 from bench.autoscale_model import TRACES, ServiceModel, load_service_model, trace_arrivals
+from modelfleet_operator.autoscaler.algorithm import LatencyStep
 
 CONTROLLERS = ("ours", "hpa", "kpa", "ours-5s", "ours-spec")
 BASELINES = ("hpa", "kpa")

@@ -132,9 +132,14 @@ cmd_down() {
   done
   for c in $pids; do kill -9 "$c" 2>/dev/null || true; done
   rm -rf "$cdir" "$cdir.kubeconfig-merge"
-  local p owner left=""
-  for p in $ports; do
-    owner=$(port_owner "$p"); [ -z "$owner" ] || left+=" $p($owner)"
+  local p owner left="" try
+  for try in $(seq 1 50); do  # a listening socket can outlive its process by a moment
+    left=""
+    for p in $ports; do
+      owner=$(port_owner "$p"); [ -z "$owner" ] || left+=" $p($owner)"
+    done
+    [ -z "$left" ] && break
+    sleep 0.1
   done
   [ -z "$left" ] || die "ports still in use after cluster-down:$left"
   log "cluster '$name' is down"

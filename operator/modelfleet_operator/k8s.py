@@ -35,15 +35,24 @@ def _translate(exc: ApiException) -> ApiError:
     return cls(int(exc.status or 0), str(exc.reason or ""), body[:500])
 
 
+def _empty(value: Any) -> bool:
+    """What the API server leaves out when it stores an object (Go's omitempty): {}, [], "", 0, false, null."""
+    return value is None or value is False or value == 0 or (isinstance(value, (str, list, dict)) and not value)
+
+
 def contains(actual: Any, desired: Any) -> bool:
-    """Does `actual` hold every field of `desired` with the same value? (what the server added is ignored)"""
+    """Does `actual` hold every field of `desired` with the same value? (what the server added is ignored)
+
+    A field we set to an empty value and the server dropped counts as held: otherwise every reconcile
+    would re-apply an object that already is as we want it.
+    """
     if isinstance(desired, Mapping):
-        return isinstance(actual, Mapping) and all(k in actual and contains(actual[k], v) for k, v in desired.items())
+        return isinstance(actual, Mapping) and all(
+            contains(actual[k], v) if k in actual else _empty(v) for k, v in desired.items()
+        )
     if isinstance(desired, list):
-        return (
-            isinstance(actual, list)
-            and len(actual) == len(desired)
-            and all(contains(a, d) for a, d in zip(actual, desired, strict=True))
+        return isinstance(actual, list) and len(actual) == len(desired) and all(
+            contains(a, d) for a, d in zip(actual, desired, strict=True)
         )
     return bool(actual == desired)
 
