@@ -67,9 +67,7 @@ class ServerProcess:
             if match:
                 return int(match.group(1))
             if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"server exited with {self.proc.returncode} before listening:\n{self.log()}"
-                )
+                raise RuntimeError(f"server exited with {self.proc.returncode} before listening:\n{self.log()}")
             time.sleep(0.05)
         raise TimeoutError(f"server never started listening:\n{self.log()}")
 
@@ -176,13 +174,9 @@ def start_server(tmp_path: Path) -> Iterator[ServerFactory]:
 
 @pytest.fixture(scope="session")
 def classifier_server(session_servers: ServerFactory, models: dict[str, Path]) -> ServerProcess:
-    return session_servers(
-        models["classifier"], "classifier", max_batch_size="16", max_request_bytes="200000"
-    )
+    return session_servers(models["classifier"], "classifier", max_batch_size="16", max_request_bytes="200000")
 
 
 @pytest.fixture(scope="session")
 def two_io_server(session_servers: ServerFactory, models: dict[str, Path]) -> ServerProcess:
-    return session_servers(
-        models["two_io"], "two_io", max_batch_size="32", max_queue_delay_microseconds="2000"
-    )
+    return session_servers(models["two_io"], "two_io", max_batch_size="32", max_queue_delay_microseconds="2000")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from modelfleet_runtime.build import InvalidOptions
 from modelfleet_runtime.build.accuracy import (
     check_gate,
@@ -17,7 +18,6 @@ from modelfleet_runtime.build.accuracy import (
 )
 from modelfleet_runtime.build.options import BatchProfile, BuildOptions, ResolvedGate
 from modelfleet_runtime.build.validate import validate_model
-
 from tests.modelzoo import FEATURES, classifier_model
 
 GATE = ResolvedGate(max_abs_error=0.1, max_rel_error=0.1, min_top1_agreement=0.9, samples=4)

@@ -18,9 +18,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from modelfleet_runtime.build.cli import TERMINATION_LIMIT, Result, main, resolve_architecture
 from onnx import TensorProto, helper, numpy_helper
 
+from modelfleet_runtime.build.cli import TERMINATION_LIMIT, Result, main, resolve_architecture
 from tests.modelzoo import FEATURES, classifier_model, classifier_reference, two_io_model, two_io_reference
 
 REPO = Path(__file__).resolve().parents[2]

@@ -8,6 +8,7 @@ import sys
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from modelfleet_runtime.build import InvalidOptions
 from modelfleet_runtime.build.key import engine_key, key_material, normalize_architecture
 from modelfleet_runtime.build.options import (

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from modelfleet_runtime.build.cli import main
 
+from modelfleet_runtime.build.cli import main
 from tests.modelzoo import FEATURES, classifier_model, classifier_reference
 
 pytest.importorskip("modelfleet_runtime.server")

@@ -8,6 +8,7 @@ import multiprocessing
 from pathlib import Path
 
 import pytest
+
 from modelfleet_runtime.build import store
 
 KEY = "f" * 64

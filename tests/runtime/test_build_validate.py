@@ -7,13 +7,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
+
 from modelfleet_runtime.build import InvalidModel, InvalidOptions, Unsupported
 from modelfleet_runtime.build.accuracy import synthetic_feeds
 from modelfleet_runtime.build.options import BatchProfile, BuildOptions, Calibration, ShapeRange
 from modelfleet_runtime.build.trt import build_profile_shapes, check_precision, timing_cache_path
 from modelfleet_runtime.build.validate import validate_model
-from onnx import TensorProto, helper, numpy_helper
-
 from tests.modelzoo import classifier_model, two_io_model
 
 

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
+import threading
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from modelfleet_runtime.backends.base import TensorSpec, build_warmup_inputs
+from modelfleet_runtime.batcher import Batcher, BatcherConfig
 from modelfleet_runtime.batching import (
     BatchMismatch,
     ModelSignature,
@@ -223,18 +228,14 @@ def test_bytes_tensors_round_trip_in_binary_and_json() -> None:
                     "name": "w",
                     "shape": [3],
                     "datatype": "BYTES",
-                    "parameters": {
-                        "binary_data_size": header["outputs"][0]["parameters"]["binary_data_size"]
-                    },
+                    "parameters": {"binary_data_size": header["outputs"][0]["parameters"]["binary_data_size"]},
                 }
             ]
         }
     ).encode()
     decoded = decode_infer_request(raw + blob, len(raw)).inputs["w"]
     assert list(decoded) == list(words)
-    doc = json.dumps(
-        {"inputs": [{"name": "w", "shape": [2], "datatype": "BYTES", "data": ["a", "λ"]}]}
-    ).encode()
+    doc = json.dumps({"inputs": [{"name": "w", "shape": [2], "datatype": "BYTES", "data": ["a", "λ"]}]}).encode()
     assert list(decode_infer_request(doc, None).inputs["w"]) == [b"a", "λ".encode()]
 
 
@@ -277,14 +278,12 @@ def test_bytes_tensors_round_trip_in_binary_and_json() -> None:
             "input 'x' appears twice",
         ),
         (
-            b'{"inputs": [{"name": "x", "shape": [4], "datatype": "FP32", '
-            b'"parameters": {"binary_data_size": 16}}]}',
+            b'{"inputs": [{"name": "x", "shape": [4], "datatype": "FP32", "parameters": {"binary_data_size": 16}}]}',
             b"\0" * 8,
             "input 'x': binary_data_size 16 runs past",
         ),
         (
-            b'{"inputs": [{"name": "x", "shape": [4], "datatype": "FP32", '
-            b'"parameters": {"binary_data_size": 8}}]}',
+            b'{"inputs": [{"name": "x", "shape": [4], "datatype": "FP32", "parameters": {"binary_data_size": 8}}]}',
             b"\0" * 8,
             "input 'x': 8 bytes of binary data, but shape [4] of FP32 needs 16",
         ),
@@ -308,9 +307,7 @@ def test_bytes_tensors_round_trip_in_binary_and_json() -> None:
         ),
     ],
 )
-def test_malformed_requests_fail_with_a_clear_message(
-    header: bytes, binary: bytes | None, needle: str
-) -> None:
+def test_malformed_requests_fail_with_a_clear_message(header: bytes, binary: bytes | None, needle: str) -> None:
     body = header + (binary or b"")
     with pytest.raises(InvalidInput) as info:
         decode_infer_request(body, None if binary is None else len(header))
@@ -440,3 +437,39 @@ def test_metrics_render_the_names_the_autoscaler_reads() -> None:
     assert 'modelfleet_compute_duration_seconds_count{model="m"} 1.0' in text
     assert 'modelfleet_queue_depth{model="m"} 0.0' in text
     assert 'modelfleet_inflight_requests{model="m"} 0.0' in text
+
+
+# --- the batcher's event loop, in process ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("inline", [True, False], ids=["inline", "executor"])
+def test_thousands_of_queued_requests_all_get_their_own_answer(inline: bool) -> None:
+    gate = threading.Event()
+
+    def double(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not inline:
+            gate.wait(timeout=120)  # hold the first batch so the rest pile up behind it
+        return {"y": inputs["x"] * 2}
+
+    async def scenario() -> None:
+        config = BatcherConfig(
+            max_batch_size=3,
+            preferred_batch_sizes=frozenset(),
+            max_queue_delay_s=3600.0,
+            max_queue_size=0,
+            instances=1,
+            batched=True,
+            inline=inline,
+        )
+        batcher = Batcher(infer=double, input_names=("x",), config=config)
+        futures = [batcher.submit({"x": np.full((1, 1), i, np.float32)}, 1, (i % 2,), None) for i in range(3000)]
+        if not inline:
+            assert batcher.queue_depth > 2900
+        gate.set()
+        batcher.flush()
+        results = await asyncio.wait_for(asyncio.gather(*futures), timeout=120)
+        assert [float(r["y"][0, 0]) for r in results] == [2.0 * i for i in range(3000)]
+        assert batcher.queue_depth == 0
+        await batcher.close()
+
+    asyncio.run(scenario())

@@ -76,9 +76,7 @@ def test_concurrent_requests_form_batches_and_get_their_own_rows(
 
 @pytest.mark.timeout(300)
 def test_requests_of_different_sequence_lengths_are_never_mixed(two_io_server: ServerProcess) -> None:
-    client = httpclient.InferenceServerClient(
-        url=two_io_server.host, concurrency=CONCURRENT, network_timeout=120
-    )
+    client = httpclient.InferenceServerClient(url=two_io_server.host, concurrency=CONCURRENT, network_timeout=120)
     rng = np.random.default_rng(7)
     cases = []
     requests = []
@@ -125,9 +123,7 @@ def test_io_binding_and_two_instances_give_the_same_results(
         requests.append([inp])
     results = send_concurrently(client, "classifier", requests)
     for x, result in zip(xs, results, strict=True):
-        np.testing.assert_allclose(
-            result.as_numpy("probabilities"), classifier_reference(x), rtol=1e-5, atol=1e-6
-        )
+        np.testing.assert_allclose(result.as_numpy("probabilities"), classifier_reference(x), rtol=1e-5, atol=1e-6)
     assert "io_binding=True" in server.log()
 
 

@@ -58,12 +58,8 @@ def _server_survives(classifier_server: ServerProcess) -> Iterator[None]:
 def test_unknown_model_is_404_everywhere(classifier_server: ServerProcess) -> None:
     assert_error(post(classifier_server, "/v2/models/nope/infer", infer_body()), 404, "unknown model 'nope'")
     assert_error(requests.get(f"{classifier_server.url}/v2/models/nope", timeout=30), 404, "unknown model")
-    assert_error(
-        requests.get(f"{classifier_server.url}/v2/models/nope/ready", timeout=30), 404, "unknown model"
-    )
-    assert_error(
-        post(classifier_server, "/v2/models/classifier/versions/7/infer", infer_body()), 404, "no version '7'"
-    )
+    assert_error(requests.get(f"{classifier_server.url}/v2/models/nope/ready", timeout=30), 404, "unknown model")
+    assert_error(post(classifier_server, "/v2/models/classifier/versions/7/infer", infer_body()), 404, "no version '7'")
 
 
 @pytest.mark.parametrize(
@@ -135,9 +131,7 @@ def test_garbage_bodies_are_400(classifier_server: ServerProcess, raw: bytes) ->
 
 def test_a_body_above_the_limit_is_413_before_it_is_buffered(classifier_server: ServerProcess) -> None:
     big = b" " * 300_000  # the fixture's limit is 200,000 bytes
-    assert_error(
-        post(classifier_server, "/v2/models/classifier/infer", big), 413, "exceeds the limit of 200000"
-    )
+    assert_error(post(classifier_server, "/v2/models/classifier/infer", big), 413, "exceeds the limit of 200000")
 
     def chunks() -> Iterator[bytes]:  # no Content-Length: the limit must hold while reading
         for _ in range(30):
@@ -151,9 +145,7 @@ def test_wrong_methods_and_unknown_routes(classifier_server: ServerProcess) -> N
     assert_error(requests.get(f"{classifier_server.url}/v2/models/classifier/infer", timeout=30), 405, "POST")
     assert_error(post(classifier_server, "/v2/models/classifier", infer_body()), 405, "GET")
     assert_error(requests.get(f"{classifier_server.url}/v3/anything", timeout=30), 404, "no route")
-    assert_error(
-        requests.get(f"{classifier_server.url}/v2/models/classifier/stats", timeout=30), 404, "no route"
-    )
+    assert_error(requests.get(f"{classifier_server.url}/v2/models/classifier/stats", timeout=30), 404, "no route")
 
 
 def test_broken_http_does_not_hurt_the_server(classifier_server: ServerProcess) -> None:
@@ -166,3 +158,29 @@ def test_broken_http_does_not_hurt_the_server(classifier_server: ServerProcess) 
             sock.shutdown(socket.SHUT_WR)
             while sock.recv(4096):
                 pass
+
+
+def test_expect_100_continue_is_answered_before_the_body(classifier_server: ServerProcess) -> None:
+    body = json.dumps({"inputs": [{"name": "input", "shape": [1, FEATURES], "datatype": "FP32", "data": ROW}]})
+    head = (
+        f"POST /v2/models/classifier/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", classifier_server.port), timeout=30) as sock:
+        sock.sendall(head)
+        assert sock.recv(4096).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        sock.sendall(body.encode())
+        reply = b""
+        while b"model_name" not in reply:
+            chunk = sock.recv(65536)
+            assert chunk, reply
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 200 OK")
+
+    big = (
+        b"POST /v2/models/classifier/infer HTTP/1.1\r\nHost: x\r\n"
+        b"Content-Length: 900000\r\nExpect: 100-continue\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", classifier_server.port), timeout=30) as sock:
+        sock.sendall(big)  # too large: refused at once, and the client never has to send the body
+        assert sock.recv(4096).startswith(b"HTTP/1.1 413")

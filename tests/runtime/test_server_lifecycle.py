@@ -30,9 +30,7 @@ def slow_model(path: Path) -> Path:
     nodes, inits, prev = [], [], "x"
     for i in range(LAYERS):
         inits.append(
-            numpy_helper.from_array(
-                (rng.normal(size=(WIDTH, WIDTH)) / WIDTH**0.5).astype(np.float32), f"w{i}"
-            )
+            numpy_helper.from_array((rng.normal(size=(WIDTH, WIDTH)) / WIDTH**0.5).astype(np.float32), f"w{i}")
         )
         nodes.append(helper.make_node("MatMul", [prev, f"w{i}"], [f"m{i}"]))
         prev = "y" if i == LAYERS - 1 else f"t{i}"
@@ -51,17 +49,13 @@ def slow_model(path: Path) -> Path:
 
 
 def infer_body(x: np.ndarray, name: str = "input") -> dict[str, object]:
-    return {
-        "inputs": [{"name": name, "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]
-    }
+    return {"inputs": [{"name": name, "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
 
 
 @pytest.mark.timeout(600)
 def test_ready_only_after_every_batch_size_is_warmed(start_server: ServerFactory, tmp_path: Path) -> None:
     model = slow_model(tmp_path / "slow.onnx")
-    server = start_server(
-        model, "slow", wait_ready=False, max_batch_size="48", warmup="all", warmup_iterations="16"
-    )
+    server = start_server(model, "slow", wait_ready=False, max_batch_size="48", warmup="all", warmup_iterations="16")
     observed_loading = refused = 0
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:

@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
 import requests
@@ -9,7 +18,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from tests.modelzoo import CLASSES, FEATURES, classifier_reference, two_io_reference
-from tests.runtime.conftest import ServerProcess
+from tests.runtime.conftest import ROOT, ServerProcess
 
 
 @pytest.fixture
@@ -64,9 +73,7 @@ def test_inference_matches_the_reference(
         outputs=[httpclient.InferRequestedOutput("probabilities", binary_data=binary_out)],
         request_id="req-7",
     )
-    np.testing.assert_allclose(
-        result.as_numpy("probabilities"), classifier_reference(x), rtol=1e-5, atol=1e-6
-    )
+    np.testing.assert_allclose(result.as_numpy("probabilities"), classifier_reference(x), rtol=1e-5, atol=1e-6)
     response = result.get_response()
     assert response["id"] == "req-7"
     assert response["model_name"] == "classifier"
@@ -78,9 +85,7 @@ def test_outputs_default_to_binary_when_none_are_named(client: httpclient.Infere
     x = np.ones((1, FEATURES), np.float32)
     result = client.infer("classifier", classifier_inputs(x, binary=True), model_version="1")
     assert result.get_response()["outputs"][0]["parameters"]["binary_data_size"] == CLASSES * 4
-    np.testing.assert_allclose(
-        result.as_numpy("probabilities"), classifier_reference(x), rtol=1e-5, atol=1e-6
-    )
+    np.testing.assert_allclose(result.as_numpy("probabilities"), classifier_reference(x), rtol=1e-5, atol=1e-6)
 
 
 def test_two_inputs_two_outputs_and_a_dynamic_sequence_axis(two_io_server: ServerProcess) -> None:
@@ -119,19 +124,13 @@ def test_a_client_error_reaches_tritonclient_as_its_message(client: httpclient.I
 def test_compressed_requests_from_tritonclient_are_accepted(client: httpclient.InferenceServerClient) -> None:
     x = np.random.default_rng(9).normal(size=(3, FEATURES)).astype(np.float32)
     for algorithm in ("gzip", "deflate"):
-        result = client.infer(
-            "classifier", classifier_inputs(x, binary=True), request_compression_algorithm=algorithm
-        )
-        np.testing.assert_allclose(
-            result.as_numpy("probabilities"), classifier_reference(x), rtol=1e-5, atol=1e-6
-        )
+        result = client.infer("classifier", classifier_inputs(x, binary=True), request_compression_algorithm=algorithm)
+        np.testing.assert_allclose(result.as_numpy("probabilities"), classifier_reference(x), rtol=1e-5, atol=1e-6)
 
 
 def test_metrics_count_successes_by_model(classifier_server: ServerProcess) -> None:
     before = classifier_server.metric("modelfleet_requests_total", outcome="success")
-    body = {
-        "inputs": [{"name": "input", "shape": [1, FEATURES], "datatype": "FP32", "data": [0.5] * FEATURES}]
-    }
+    body = {"inputs": [{"name": "input", "shape": [1, FEATURES], "datatype": "FP32", "data": [0.5] * FEATURES}]}
     assert requests.post(f"{classifier_server.url}/v2/models/classifier/infer", json=body, timeout=60).ok
     assert classifier_server.metric("modelfleet_requests_total", outcome="success") == before + 1
     text = requests.get(f"{classifier_server.url}/metrics", timeout=10).text
@@ -144,3 +143,53 @@ def test_metrics_count_successes_by_model(classifier_server: ServerProcess) -> N
         "modelfleet_inflight_requests",
     ):
         assert f"{name}{{" in text, name
+
+
+def test_the_same_api_runs_as_an_asgi_app_under_uvicorn(models: dict[str, Path], tmp_path: Path) -> None:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELFLEET_")}
+    env.update({"MODELFLEET_MODEL": str(models["classifier"]), "MODELFLEET_NAME": "classifier"})
+    log = (tmp_path / "uvicorn.log").open("wb")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--factory",
+            "modelfleet_runtime.server:create_app",
+            "--fd",
+            str(sock.fileno()),
+            "--loop",
+            "uvloop",
+            "--http",
+            "httptools",
+        ],
+        cwd=ROOT,
+        env=env,
+        pass_fds=[sock.fileno()],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    sock.close()
+    try:
+        client = httpclient.InferenceServerClient(url=f"127.0.0.1:{port}", network_timeout=60)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            with contextlib.suppress(Exception):
+                if client.is_server_ready():
+                    break
+            time.sleep(0.1)
+        assert client.is_model_ready("classifier")
+        x = np.random.default_rng(4).normal(size=(2, FEATURES)).astype(np.float32)
+        result = client.infer("classifier", classifier_inputs(x, binary=True))
+        np.testing.assert_allclose(result.as_numpy("probabilities"), classifier_reference(x), rtol=1e-5, atol=1e-6)
+        with pytest.raises(InferenceServerException, match="unknown model"):
+            client.infer("other", classifier_inputs(x, binary=False))
+    finally:
+        proc.terminate()
+        # uvicorn re-raises SIGTERM after its graceful shutdown, so the exit is "killed by SIGTERM".
+        assert proc.wait(timeout=120) in (0, -signal.SIGTERM)
+        log.close()

@@ -27,9 +27,7 @@ def _cuda_device_count() -> int:
     return int(count) if err == cudart.cudaError_t.cudaSuccess else 0
 
 
-pytestmark = pytest.mark.skipif(
-    _cuda_device_count() == 0, reason="no CUDA device: TensorRT engines need a GPU"
-)
+pytestmark = pytest.mark.skipif(_cuda_device_count() == 0, reason="no CUDA device: TensorRT engines need a GPU")
 
 
 def build_engine(onnx_path: Path, plan_path: Path, *, max_batch: int) -> Path:

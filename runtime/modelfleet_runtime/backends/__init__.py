@@ -1,0 +1,1 @@
+"""Model runtimes behind the `Backend` protocol: ONNX Runtime (TensorRT/CUDA/CPU) and native TensorRT."""

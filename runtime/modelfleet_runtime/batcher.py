@@ -1,0 +1,320 @@
+"""The dynamic batcher: a queue on the asyncio loop feeding batches to the model in executor threads.
+
+Decisions come from the pure `batching.plan_batch` (Triton's semantics); this module only owns time and
+concurrency, driven by events rather than a polling coroutine:
+- `submit` rejects at once when `max_queue_size` requests are already waiting (QueueFull, 503);
+- a request with a timeout gets a timer: if it is still queued at its deadline it fails with
+  DeadlineExceeded and is removed, so expired work is never computed;
+- `_pump` dispatches whatever `plan_batch` allows. It runs when a request arrives that could complete a
+  batch (the first one, a preferred or full batch, or one of another shape that blocks the head batch),
+  when the oldest request's queue delay runs out (a loop timer), and when a batch finishes;
+- up to `instances` batches compute concurrently in a thread pool, so the event loop keeps accepting;
+  a finished batch's callback dispatches the next one directly, without a further loop round trip.
+  A model whose largest batch computes faster than a thread handoff (`inline`, decided after warm-up
+  from a measurement) runs on the loop instead: for it the handoff and its GIL round trip cost more
+  than the work, and blocking the loop for a few microseconds costs less than either;
+- a failing batch fails only its own requests, each with an error naming the batch.
+
+Times for decisions are `loop.time()` (monotonic). Under uvloop timers resolve to 1 ms, so a queue delay
+below 1 ms acts like 1 ms when the server is idle; under load batches form while the model is busy anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from modelfleet_runtime.batching import BatchMismatch, merge, plan_batch, split
+from modelfleet_runtime.protocol import BackendError, DeadlineExceeded, QueueFull
+
+log = logging.getLogger(__name__)
+
+InferFn = Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]
+Outputs = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class BatcherConfig:
+    max_batch_size: int
+    preferred_batch_sizes: frozenset[int]
+    max_queue_delay_s: float
+    max_queue_size: int
+    instances: int
+    batched: bool
+    inline: bool = False
+
+
+class BatchObserver:
+    """Hooks for metrics; the default does nothing."""
+
+    def queued(self, seconds: float) -> None:
+        """A request left the queue for compute after `seconds`."""
+
+    def computed(self, batch_size: int, seconds: float) -> None:
+        """A batch of `batch_size` items computed in `seconds` (failed batches are not observed)."""
+
+
+class _Pending:
+    __slots__ = ("deadline", "enqueued", "future", "inputs", "key", "size", "started", "timer")
+
+    def __init__(
+        self,
+        inputs: Mapping[str, np.ndarray],
+        size: int,
+        key: Hashable,
+        future: asyncio.Future[Outputs],
+        now: float,
+    ) -> None:
+        self.inputs = inputs
+        self.size = size
+        self.key = key
+        self.future = future
+        self.enqueued = now
+        # loop.time() drives decisions; perf_counter() gives the queue-duration metric sub-ms resolution.
+        self.started = time.perf_counter()
+        self.deadline: float | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+
+def _deadline_error(timeout_s: float) -> DeadlineExceeded:
+    return DeadlineExceeded(f"request timed out after {timeout_s * 1e6:.0f} us in the queue; it was not computed")
+
+
+class Batcher:
+    """Create inside the running loop; `submit()` requests, `flush()` when draining, `close()` at the end."""
+
+    def __init__(
+        self,
+        *,
+        infer: InferFn,
+        input_names: tuple[str, ...],
+        config: BatcherConfig,
+        observer: BatchObserver | None = None,
+    ) -> None:
+        if config.batched and any(p > config.max_batch_size for p in config.preferred_batch_sizes):
+            raise ValueError("preferred batch sizes must not exceed max_batch_size")
+        if config.max_batch_size < 1 or config.instances < 1:
+            raise ValueError("max_batch_size and instances must be >= 1")
+        self._infer = infer
+        self._names = input_names
+        self._config = config
+        self._max = config.max_batch_size if config.batched else 1
+        self._observer = observer or BatchObserver()
+        self._loop = asyncio.get_running_loop()
+        self._queue: deque[_Pending] = deque()
+        self._queued_items = 0
+        self._busy = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._flush = False
+        self._closed = False
+        self._pumping = False
+        self._executor = ThreadPoolExecutor(max_workers=config.instances, thread_name_prefix="modelfleet-infer")
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting for a batch (cancelled ones linger until a batch passes them)."""
+        return len(self._queue)
+
+    @property
+    def busy(self) -> int:
+        """Batches computing right now."""
+        return self._busy
+
+    def submit(
+        self, inputs: Mapping[str, np.ndarray], size: int, key: Hashable, timeout_s: float | None
+    ) -> asyncio.Future[Outputs]:
+        """Queue one validated request; the future resolves to its own rows of every output."""
+        if self._closed:
+            raise BackendError("the server is stopping")
+        limit = self._config.max_queue_size
+        if limit and len(self._queue) >= limit:
+            raise QueueFull(f"queue full: {len(self._queue)} requests are already waiting (maxQueueSize {limit})")
+        now = self._loop.time()
+        future: asyncio.Future[Outputs] = self._loop.create_future()
+        item = _Pending(inputs, size, key, future, now)
+        if timeout_s is not None:
+            item.deadline = now + timeout_s
+            item.timer = self._loop.call_at(item.deadline, self._expire, item, timeout_s)
+        first = not self._queue
+        self._queue.append(item)
+        self._queued_items += size
+        # Only events that can change plan_batch's answer are worth a pump: otherwise the delay timer or
+        # the end of the running batch will look at the queue anyway.
+        if self._busy < self._config.instances and (
+            first
+            or self._queued_items >= self._max
+            or self._queued_items in self._config.preferred_batch_sizes
+            or key != self._queue[0].key
+        ):
+            self._pump()
+        return future
+
+    def flush(self) -> None:
+        """Dispatch everything queued without waiting for the queue delay (used when draining)."""
+        self._flush = True
+        self._pump()
+
+    async def close(self) -> None:
+        """Stop: anything still queued fails with an error rather than hanging; running batches finish."""
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+        while self._queue:
+            item = self._queue.popleft()
+            if item.timer is not None:
+                item.timer.cancel()
+            if not item.future.done():
+                item.future.set_exception(BackendError("the server stopped before this request was computed"))
+        await self._loop.run_in_executor(None, self._executor.shutdown)
+
+    # --- internals -----------------------------------------------------------------------------------------
+
+    def _expire(self, item: _Pending, timeout_s: float) -> None:
+        if item.future.done():
+            return
+        try:
+            self._queue.remove(item)
+        except ValueError:
+            return  # already dispatched: it started on time, so it runs
+        self._queued_items -= item.size
+        item.future.set_exception(_deadline_error(timeout_s))
+
+    def _live(self) -> Iterator[tuple[int, Hashable]]:
+        for item in self._queue:
+            if not item.future.done():
+                yield item.size, item.key
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._pump()
+
+    def _pump(self) -> None:
+        """Dispatch batches while an instance is free and plan_batch says go; else arm the delay timer.
+
+        Not re-entrant: a batch finishing inside a pump (inline compute) leaves the dispatching to the pump
+        already running, so a long backlog never turns into deep recursion.
+        """
+        if self._pumping:
+            return
+        self._pumping = True
+        try:
+            self._pump_once()
+        finally:
+            self._pumping = False
+
+    def _pump_once(self) -> None:
+        while self._busy < self._config.instances and not self._closed:
+            while self._queue and self._queue[0].future.done():
+                self._queued_items -= self._queue.popleft().size
+            if not self._queue:
+                self._flush = False
+                return
+            now = self._loop.time()
+            ready_at = self._queue[0].enqueued + self._config.max_queue_delay_s
+            count = plan_batch(
+                self._live(),
+                max_batch_size=self._max,
+                preferred=self._config.preferred_batch_sizes,
+                delay_expired=self._flush or now >= ready_at,
+            )
+            if count == 0:
+                if self._timer is None or self._timer_at != ready_at:
+                    if self._timer is not None:
+                        self._timer.cancel()
+                    self._timer = self._loop.call_at(ready_at, self._on_timer)
+                    self._timer_at = ready_at
+                return
+            batch = self._take(count, now)
+            if batch:
+                self._dispatch(batch)
+                if self._config.inline and self._queue:
+                    # One inline batch per loop iteration: let the answers go out and new requests in
+                    # before computing the next one.
+                    self._loop.call_soon(self._pump)
+                    return
+
+    def _take(self, count: int, now: float) -> list[_Pending]:
+        """Pop the `count` live requests plan_batch chose; any already past its deadline fails instead."""
+        batch: list[_Pending] = []
+        taken = 0
+        while taken < count:
+            item = self._queue.popleft()
+            self._queued_items -= item.size
+            if item.future.done():
+                continue
+            taken += 1
+            if item.timer is not None:
+                item.timer.cancel()
+            if item.deadline is not None and item.deadline <= now:
+                item.future.set_exception(_deadline_error(item.deadline - item.enqueued))
+                continue
+            batch.append(item)
+        return batch
+
+    def _timed_infer(self, inputs: Mapping[str, np.ndarray]) -> tuple[Outputs, float]:
+        # Timed where it runs, so the metric is the model's time, not the event loop's latency.
+        began = time.perf_counter()
+        outputs = self._infer(inputs)
+        return outputs, time.perf_counter() - began
+
+    def _dispatch(self, batch: list[_Pending]) -> None:
+        now = time.perf_counter()
+        for item in batch:
+            self._observer.queued(now - item.started)
+        sizes = [item.size for item in batch]
+        inputs = [item.inputs for item in batch]
+        merged = merge(inputs, self._names) if self._config.batched else dict(inputs[0])
+        self._busy += 1
+        if self._config.inline:
+            # The model is faster than a thread handoff: compute here, on the loop, and answer at once.
+            try:
+                result: tuple[Outputs, float] | BaseException = self._timed_infer(merged)
+            except Exception as exc:
+                result = exc
+            self._finished(result, batch, sizes)
+            return
+        future = self._loop.run_in_executor(self._executor, self._timed_infer, merged)
+        future.add_done_callback(lambda f: self._finished(_result_of(f), batch, sizes))
+
+    def _finished(self, result: tuple[Outputs, float] | BaseException, batch: list[_Pending], sizes: list[int]) -> None:
+        self._busy -= 1
+        outcome = self._outcome(result, len(batch), sizes)
+        for i, item in enumerate(batch):
+            if item.future.done():
+                continue
+            if isinstance(outcome, Exception):
+                item.future.set_exception(outcome)
+            else:
+                item.future.set_result(outcome[i])
+        self._pump()
+
+    def _outcome(
+        self, result: tuple[Outputs, float] | BaseException, requests: int, sizes: list[int]
+    ) -> list[Outputs] | Exception:
+        what = f"batch of {requests} requests ({sum(sizes)} items)"
+        if isinstance(result, asyncio.CancelledError):
+            return BackendError(f"{what} was cancelled: the server is stopping")
+        if isinstance(result, BaseException):
+            log.warning("%s failed: %s: %s", what, type(result).__name__, result)
+            return BackendError(f"{what} failed: {type(result).__name__}: {result}")
+        outputs, seconds = result
+        self._observer.computed(sum(sizes), seconds)
+        try:
+            return split(outputs, sizes) if self._config.batched else [outputs]
+        except BatchMismatch as exc:
+            return BackendError(f"{what} returned outputs that do not match it: {exc}")
+
+
+def _result_of(future: asyncio.Future[tuple[Outputs, float]]) -> tuple[Outputs, float] | BaseException:
+    if future.cancelled():
+        return asyncio.CancelledError()
+    error = future.exception()
+    return error if error is not None else future.result()

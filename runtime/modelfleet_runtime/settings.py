@@ -1,0 +1,166 @@
+"""Settings of `modelfleet serve`: model, name, port from the command line; the rest from MODELFLEET_* env."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def _split_list(value: Any) -> Any:
+    """Accept `[16, 32]` (JSON) or `16,32` from the environment; anything else goes on to validation."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
+
+
+class ServeSettings(BaseSettings):
+    """Everything `modelfleet serve` needs, built once in `server.main()` and passed down.
+
+    Batching knobs follow Triton's names and meaning (maxBatchSize, preferredBatchSizes,
+    maxQueueDelayMicroseconds, maxQueueSize, per-request timeout), so an InferenceModel's
+    `spec.serving.batching` maps one to one onto MODELFLEET_* variables.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="MODELFLEET_", extra="ignore", frozen=True)
+
+    model: Path = Field(
+        description="The model to serve: an .onnx file, or an engine-store directory written by "
+        "`modelfleet build` (manifest.json + artifact). CLI: --model."
+    )
+    name: str = Field(
+        min_length=1,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$",
+        description="The model name clients use in /v2/models/{name}. CLI: --name.",
+    )
+    model_version: str = Field(default="1", min_length=1, description="The single version this server serves.")
+    host: str = Field(default="0.0.0.0", description="Address to listen on. CLI: --host.")
+    http_port: int = Field(default=8000, ge=0, le=65535, description="HTTP port (0 = any free port). CLI: --http-port.")
+
+    max_batch_size: int = Field(
+        default=32,
+        ge=1,
+        description="maxBatchSize: the largest batch (sum of the requests' batch dimensions) sent to the "
+        "model; capped by the engine's batch profile max when the store manifest has one.",
+    )
+    preferred_batch_sizes: Annotated[list[int], NoDecode] = Field(
+        default_factory=list,
+        description="preferredBatchSizes: a batch is dispatched as soon as one of these sizes can be formed "
+        "(the largest such size wins). JSON list or comma-separated.",
+    )
+    max_queue_delay_microseconds: int = Field(
+        default=0,
+        ge=0,
+        description="maxQueueDelayMicroseconds: how long the oldest queued request may wait for a batch to "
+        "fill before whatever is queued is dispatched. 0 = dispatch at once (batches still form under load).",
+    )
+    max_queue_size: int = Field(
+        default=1024,
+        ge=0,
+        description="maxQueueSize: requests waiting for a batch; a request arriving at a full queue is "
+        "rejected at once with 503. 0 = unbounded.",
+    )
+    default_timeout_microseconds: int = Field(
+        default=0,
+        ge=0,
+        description="Per-request queue timeout when the request sets none: a request not dispatched by then "
+        "is rejected (503), never computed late. 0 = no timeout.",
+    )
+    allow_timeout_override: bool = Field(
+        default=True, description="Let a request's `timeout` parameter (microseconds) override the default."
+    )
+    max_request_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        ge=1024,
+        description="Largest request body accepted; larger ones get 413 before the body is buffered.",
+    )
+    instances: int = Field(
+        default=1,
+        ge=1,
+        le=16,
+        description="Batches computed concurrently (Triton's instance count); 1 suits a GPU or a small CPU.",
+    )
+
+    inline_compute_microseconds: int = Field(
+        default=200,
+        ge=0,
+        description="If a batch of maxBatchSize computes faster than this (measured after warm-up), batches run "
+        "on the event loop thread instead of an executor thread: for tiny models the thread handoff costs "
+        "more than the compute. 0 = always use executor threads.",
+    )
+
+    intra_op_threads: int = Field(default=0, ge=0, description="ONNX Runtime intra-op threads (0 = its default).")
+    inter_op_threads: int = Field(default=0, ge=0, description="ONNX Runtime inter-op threads (0 = its default).")
+    ort_allow_spinning: bool = Field(
+        default=False,
+        description="Let ONNX Runtime's worker threads spin while idle; off by default because spinning "
+        "steals the CPU the HTTP event loop needs on small machines.",
+    )
+    graph_optimization_level: Literal["disable", "basic", "extended", "all"] = Field(
+        default="all", description="ONNX Runtime graph optimization level."
+    )
+    providers: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="ONNX Runtime execution providers to try, in order; empty = TensorRT, CUDA, CPU, taking "
+        "those this build of ONNX Runtime has.",
+    )
+    io_binding: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="ONNX Runtime I/O binding: auto = on when the first provider is a GPU one.",
+    )
+
+    warmup: Literal["profile", "all"] = Field(
+        default="profile",
+        description="Batch sizes warmed up before the server reports ready: `profile` = 1, the preferred "
+        "sizes, the profile's min/opt/max, powers of two and maxBatchSize; `all` = every size from 1 to "
+        "maxBatchSize.",
+    )
+    warmup_iterations: int = Field(default=2, ge=1, description="Warm-up runs per batch size.")
+    verify_artifact: bool = Field(
+        default=True, description="Check the store artifact's sha256 against its manifest before loading it."
+    )
+
+    drain_grace_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="On SIGTERM, how long to wait for accepted requests to finish before exiting anyway "
+        "(keep it below the pod's terminationGracePeriodSeconds).",
+    )
+    drain_delay_seconds: float = Field(
+        default=0.0,
+        ge=0,
+        description="On SIGTERM, keep the listener open at least this long, answering not-ready and 503, so "
+        "load balancers notice before connections are refused.",
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Log level.")
+    backlog: int = Field(default=2048, ge=16, description="TCP listen backlog.")
+
+    @field_validator("preferred_batch_sizes", mode="before")
+    @classmethod
+    def _split_ints(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @field_validator("providers", mode="before")
+    @classmethod
+    def _split_strs(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @field_validator("preferred_batch_sizes")
+    @classmethod
+    def _positive_sorted(cls, value: list[int]) -> list[int]:
+        if any(v < 1 for v in value):
+            raise ValueError("preferred batch sizes must be >= 1")
+        return sorted(set(value))
+
+    @model_validator(mode="after")
+    def _preferred_within_max(self) -> ServeSettings:
+        too_big = [v for v in self.preferred_batch_sizes if v > self.max_batch_size]
+        if too_big:
+            raise ValueError(f"preferred batch sizes {too_big} exceed max_batch_size {self.max_batch_size}")
+        return self
