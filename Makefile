@@ -19,6 +19,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv and install modelfleet with its dev extras
 
+BENCH_STAMP := $(VENV)/.bench-installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[bench]'
+	@rm -f $(VENV)/.bench-installed-*; touch $@
+
 lint: $(STAMP) ## ruff, mypy and the import layers
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check . || true
@@ -52,16 +57,16 @@ cluster-kubeconfig: ## print the local cluster's kubeconfig path (use with make 
 demo: $(STAMP) ## the whole story on the local cluster
 	@bash hack/demo.sh
 
-bench-runtime: $(STAMP) ## serving throughput and latency against raw ONNX Runtime
+bench-runtime: $(BENCH_STAMP) ## serving throughput and latency against raw ONNX Runtime
 	$(PY) -m bench.bench_runtime $(BENCH_ARGS)
 
-bench-build: $(STAMP) ## engine build time and speed-up of the built artifact
+bench-build: $(BENCH_STAMP) ## engine build time and speed-up of the built artifact
 	$(PY) -m bench.bench_build $(BENCH_ARGS)
 
-bench-autoscale: $(STAMP) ## trace-driven simulator: ours against HPA and KPA
+bench-autoscale: $(BENCH_STAMP) ## trace-driven simulator: ours against HPA and KPA
 	$(PY) -m bench.autoscale_sim $(BENCH_ARGS)
 
-bench-operator: $(STAMP) ## 200 InferenceModels on ~50 fake GPU nodes
+bench-operator: $(BENCH_STAMP) ## 200 InferenceModels on ~50 fake GPU nodes
 	$(PY) -m bench.bench_operator $(BENCH_ARGS)
 
 clean: ## remove caches in the work tree (not the cluster's binary cache)

