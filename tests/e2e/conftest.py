@@ -108,6 +108,13 @@ def inferencemodel_crd(cluster: Cluster) -> Path:
     cluster.kubectl(
         "wait", "--for=condition=Established", "--timeout=60s", "crd/inferencemodels.modelfleet.io"
     )
+    # Established is not yet published in discovery/OpenAPI on a fresh apiserver: `kubectl explain` and
+    # clients would not find the resource for a moment.
+    deadline = time.monotonic() + 120  # hang guard
+    while cluster.kubectl("explain", "inferencemodel.spec", check=False).returncode != 0:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the InferenceModel CRD never appeared in the API server's OpenAPI")
+        time.sleep(0.5)
     return crd
 
 

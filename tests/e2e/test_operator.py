@@ -232,8 +232,11 @@ def test_a_failed_build_keeps_the_previous_version_serving_and_says_why(
         json.dumps({"spec": {"model": {"uri": "pvc://models/clf/broken-export.onnx"}}}),
     )
     status = wait_for(
-        "Degraded=True",
-        lambda: (s := model_status(cluster, ns)) and condition(s, "Degraded").get("status") == "True" and s,
+        "every new build Failed and Degraded=True",
+        lambda: (s := model_status(cluster, ns))
+        and condition(s, "Degraded").get("status") == "True"
+        and {e["phase"] for e in s["engines"]} == {"Failed"}
+        and s,
     )
     degraded = condition(status, "Degraded")
     assert degraded["reason"] == "BuildFailed"
