@@ -586,3 +586,9 @@ def test_more_load_never_means_fewer_replicas(
     light = decide(cfg, build(now + 15, current, last), state)
     heavy = decide(cfg, build(now + 15, current, heavier), state)
     assert heavy.desired_replicas >= light.desired_replicas, (light.message, heavy.message)
+
+
+def test_split_ties_go_to_the_newest_architecture() -> None:
+    arches = [ArchitectureShare(a, nodes=1) for a in ("sm75", "sm80", "sm89", "sm90", "sm100")]
+    assert split_across_architectures(1, arches) == {"sm75": 0, "sm80": 0, "sm89": 0, "sm90": 0, "sm100": 1}
+    assert split_across_architectures(7, arches) == {"sm75": 1, "sm80": 1, "sm89": 1, "sm90": 2, "sm100": 2}

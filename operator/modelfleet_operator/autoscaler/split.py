@@ -18,6 +18,12 @@ class ArchitectureShare:
     max_replicas: int | None = None
 
 
+def _newest_first(name: str) -> tuple[int, str]:
+    """Sort key: smXY by descending compute capability (sm100 before sm90 before sm75), others after."""
+    digits = name[2:] if name.startswith("sm") else ""
+    return (-int(digits), name) if digits.isdigit() else (1, name)
+
+
 def split_across_architectures(total: int, architectures: Sequence[ArchitectureShare]) -> dict[str, int]:
     """Split `total` replicas across architectures, weighted by per-replica throughput.
 
@@ -27,8 +33,9 @@ def split_across_architectures(total: int, architectures: Sequence[ArchitectureS
       of the measured ones (1.0 each if none is measured), so unknown means "average";
     - when `total` ≥ the number of usable architectures, each gets 1 first (so every architecture keeps a
       warm replica and its throughput stays measured) and the rest is split by weight; otherwise the
-      `total` highest-weight architectures get 1 each (ties by name);
-    - shares are rounded by largest remainder (ties by weight, then name), so they sum to `total`;
+      `total` highest-weight architectures get 1 each (ties go to the newest architecture: sm90 before
+      sm75, the likely faster GPU when nothing is measured yet);
+    - shares are rounded by largest remainder (ties by weight, then newest architecture), so they sum to `total`;
     - an architecture's `max_replicas`, if set, caps it; the excess goes to the others by the same rule,
       and replicas nobody can hold are dropped (the sum is then below `total`).
     """
@@ -42,7 +49,7 @@ def split_across_architectures(total: int, architectures: Sequence[ArchitectureS
     default_weight = sum(measured) / len(measured) if measured else 1.0
     weights = {a.name: (a.throughput_per_replica or default_weight) for a in usable}
     caps = {a.name: a.max_replicas for a in usable}
-    order = sorted(usable, key=lambda a: (-weights[a.name], a.name))
+    order = sorted(usable, key=lambda a: (-weights[a.name], _newest_first(a.name)))
     if total < len(usable):
         for a in order[:total]:
             result[a.name] = 1
@@ -56,7 +63,7 @@ def split_across_architectures(total: int, architectures: Sequence[ArchitectureS
         quotas = {n: remaining * weights[n] / weight_sum for n in open_names}
         floors = {n: math.floor(q) for n, q in quotas.items()}
         leftover = remaining - sum(floors.values())
-        by_remainder = sorted(open_names, key=lambda n: (-(quotas[n] - floors[n]), -weights[n], n))
+        by_remainder = sorted(open_names, key=lambda n: (-(quotas[n] - floors[n]), -weights[n], _newest_first(n)))
         for n in by_remainder[:leftover]:
             floors[n] += 1
         placed = 0
