@@ -26,7 +26,7 @@ $(BENCH_STAMP): $(STAMP)
 
 lint: $(STAMP) ## ruff, mypy and the import layers
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check . || true
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 

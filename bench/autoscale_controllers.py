@@ -97,9 +97,7 @@ class Hpa:
     def initial_replicas(self, rate: float) -> int:
         return ceil_div(rate, self.target)
 
-    def _replicas_for_metric(
-        self, current: int, values: list[float], missing: int, unready: int
-    ) -> int | None:
+    def _replicas_for_metric(self, current: int, values: list[float], missing: int, unready: int) -> int | None:
         # calcPlainMetricReplicas (replica_calculator.go)
         if not values:
             return None
@@ -143,16 +141,12 @@ class Hpa:
     def _rate(self, now: float, current: int, desired: int) -> int:
         # convertDesiredReplicasWithBehaviorRate with the default policies
         if desired > current:
-            start = (
-                current - self._changes(self.up_events, now, 15) + self._changes(self.down_events, now, 15)
-            )
+            start = current - self._changes(self.up_events, now, 15) + self._changes(self.down_events, now, 15)
             limit = max(start + 4, math.ceil(start * 2.0))
             limit = max(limit, current)
             return min(desired, MAX_REPLICAS, limit)
         if desired < current:
-            start = (
-                current - self._changes(self.up_events, now, 15) + self._changes(self.down_events, now, 15)
-            )
+            start = current - self._changes(self.up_events, now, 15) + self._changes(self.down_events, now, 15)
             limit = min(int(start * 0.0), current)
             return max(desired, MIN_REPLICAS, limit)
         return desired

@@ -199,9 +199,7 @@ def simulate(
     per_min_within = within[: minutes * 60].reshape(minutes, 60).sum(axis=1)
     per_min_total = arrivals[: minutes * 60].reshape(minutes, 60).sum(axis=1)
     good_minutes = np.sum(per_min_within >= 0.99 * per_min_total)
-    flaps = sum(
-        1 for (t0, d0), (t1, d1) in itertools.pairwise(actions) if d0 != d1 and t1 - t0 < flap_window_s
-    )
+    flaps = sum(1 for (t0, d0), (t1, d1) in itertools.pairwise(actions) if d0 != d1 and t1 - t0 < flap_window_s)
     return RunResult(
         controller=controller.name,
         target=controller.target,

@@ -86,9 +86,7 @@ def load_service_model(path: Path) -> ServiceModel:
     models = _find(data, "models", "results") or data
     entry: Any = None
     if isinstance(models, dict):
-        entry = next((v for k, v in models.items() if "minilm" in k.lower()), None) or next(
-            iter(models.values()), None
-        )
+        entry = next((v for k, v in models.items() if "minilm" in k.lower()), None) or next(iter(models.values()), None)
     elif isinstance(models, list) and models:
         entry = next((m for m in models if "minilm" in str(_find(m, "model", "name")).lower()), models[0])
     if not isinstance(entry, dict):
@@ -127,9 +125,7 @@ class SecondState:
     theta: np.ndarray  # mean of the stochastic wait when there is one (s)
 
 
-def latency_params(
-    model: ServiceModel, *, arrivals: np.ndarray, ready: np.ndarray, backlog: np.ndarray
-) -> SecondState:
+def latency_params(model: ServiceModel, *, arrivals: np.ndarray, ready: np.ndarray, backlog: np.ndarray) -> SecondState:
     """Per-second latency parameters from arrivals, ready replicas and the mean backlog in that second."""
     capacity = np.maximum(ready, 1e-9) * model.capacity_qps
     rho = np.clip(arrivals / capacity, 0.0, None)

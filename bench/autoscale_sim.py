@@ -77,9 +77,7 @@ def make_controller(job: Job) -> Controller:
     if job.controller.startswith("ours-x"):
         # Experiments: ours-x<key>=<json>;<key>=<json> overrides the algorithm's configuration.
         extra = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in job.controller[6:].split(";"))}
-        return Ours(
-            target=job.fraction * mu, target_p99_ms=job.p99_target_ms, name=job.controller, extra=extra
-        )
+        return Ours(target=job.fraction * mu, target_p99_ms=job.p99_target_ms, name=job.controller, extra=extra)
     if job.controller == "hpa":
         return Hpa(target=job.fraction * mu)
     if job.controller == "kpa":
@@ -266,11 +264,7 @@ def write_plots(out: Path, records: list[dict[str, Any]], controllers: Sequence[
             ax = axes[0][col]
             for c in controllers:
                 rs = sorted(
-                    (
-                        r
-                        for r in records
-                        if r["trace"] == trace and r["startup_s"] == startup and r["controller"] == c
-                    ),
+                    (r for r in records if r["trace"] == trace and r["startup_s"] == startup and r["controller"] == c),
                     key=lambda r: r["replica_seconds"],
                 )
                 if not rs:
@@ -289,11 +283,7 @@ def write_plots(out: Path, records: list[dict[str, Any]], controllers: Sequence[
             ax.legend()
             ax2 = axes[1][col]
             for c in controllers:
-                rs = [
-                    r
-                    for r in records
-                    if r["trace"] == trace and r["startup_s"] == startup and r["controller"] == c
-                ]
+                rs = [r for r in records if r["trace"] == trace and r["startup_s"] == startup and r["controller"] == c]
                 if not rs:
                     continue
                 # The time series of the run closest to 99 % attainment at the lowest cost.
@@ -321,9 +311,7 @@ def write_plots(out: Path, records: list[dict[str, Any]], controllers: Sequence[
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="3 targets, 2 traces x 1 start-up: a smoke run")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--runtime-results", type=Path, default=Path("bench/results/runtime.json"))
@@ -410,9 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     if steady_flaps:
         print("most flaps on steady traffic, over all targets:", steady_flaps)
-    print(
-        f"wrote {args.out / 'autoscale.json'}, {args.out / 'autoscale.md'}" + "".join(f", {p}" for p in plots)
-    )
+    print(f"wrote {args.out / 'autoscale.json'}, {args.out / 'autoscale.md'}" + "".join(f", {p}" for p in plots))
     return 0
 
 

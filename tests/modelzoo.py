@@ -59,9 +59,7 @@ def classifier_model(path: Path, seed: int = 0) -> Path:
         [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", CLASSES])],
         initializer=inits,
     )
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="modelfleet-tests"
-    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="modelfleet-tests")
     return _save(model, path)
 
 
@@ -94,7 +92,5 @@ def two_io_model(path: Path) -> Path:
         ],
         initializer=[axes],
     )
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="modelfleet-tests"
-    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="modelfleet-tests")
     return _save(model, path)

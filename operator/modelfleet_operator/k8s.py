@@ -51,8 +51,10 @@ def contains(actual: Any, desired: Any) -> bool:
             contains(actual[k], v) if k in actual else _empty(v) for k, v in desired.items()
         )
     if isinstance(desired, list):
-        return isinstance(actual, list) and len(actual) == len(desired) and all(
-            contains(a, d) for a, d in zip(actual, desired, strict=True)
+        return (
+            isinstance(actual, list)
+            and len(actual) == len(desired)
+            and all(contains(a, d) for a, d in zip(actual, desired, strict=True))
         )
     return bool(actual == desired)
 

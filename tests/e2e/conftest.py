@@ -43,9 +43,7 @@ class Cluster:
             check=False,
         )
         if check and proc.returncode != 0:
-            raise AssertionError(
-                f"{tool} {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
-            )
+            raise AssertionError(f"{tool} {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
         return proc
 
     def kubectl(
@@ -77,9 +75,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[Cluster]:
     """The local cluster: reused when running, otherwise started (and stopped again at the end)."""
-    was_running = (
-        subprocess.run(["bash", str(CLUSTER_SH), "status"], capture_output=True, check=False).returncode == 0
-    )
+    was_running = subprocess.run(["bash", str(CLUSTER_SH), "status"], capture_output=True, check=False).returncode == 0
     # A cold machine builds the Kubernetes binaries first: allow for it.
     _cluster_sh("up", timeout=3600)
     c = Cluster(
@@ -105,9 +101,7 @@ def inferencemodel_crd(cluster: Cluster) -> Path:
     """The generated InferenceModel CRD, applied and Established."""
     crd = ROOT / "crds" / "inferencemodel.yaml"
     cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crd))
-    cluster.kubectl(
-        "wait", "--for=condition=Established", "--timeout=60s", "crd/inferencemodels.modelfleet.io"
-    )
+    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/inferencemodels.modelfleet.io")
     # Established is not yet published in discovery/OpenAPI on a fresh apiserver: `kubectl explain` and
     # clients would not find the resource for a moment.
     deadline = time.monotonic() + 120  # hang guard
@@ -149,9 +143,7 @@ def bound_pvc(cluster: Cluster, namespace: str, claim: str, size: str = "10Gi") 
     ]
     for obj in objects:
         cluster.kubectl("apply", "-f", "-", input=json.dumps(obj))
-    cluster.kubectl(
-        "-n", namespace, "wait", "--for=jsonpath={.status.phase}=Bound", "--timeout=60s", f"pvc/{claim}"
-    )
+    cluster.kubectl("-n", namespace, "wait", "--for=jsonpath={.status.phase}=Bound", "--timeout=60s", f"pvc/{claim}")
 
 
 @pytest.fixture

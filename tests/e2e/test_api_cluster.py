@@ -101,9 +101,7 @@ def test_example_passes_server_dry_run_then_applies(
     assert api.parse_inference_model(stored).spec == api.parse_inference_model(load_yaml(path)).spec
 
 
-def test_minimal_example_is_stored_with_every_default(
-    cluster: Any, namespace: str, inferencemodel_crd: Path
-) -> None:
+def test_minimal_example_is_stored_with_every_default(cluster: Any, namespace: str, inferencemodel_crd: Path) -> None:
     path = Path(__file__).resolve().parents[2] / "examples" / "minimal.yaml"
     cluster.kubectl("apply", "--server-side", "-n", namespace, "-f", str(path))
     spec = get_json(cluster, namespace, "minilm")["spec"]
@@ -143,9 +141,7 @@ def test_get_shows_the_printer_columns(cluster: Any, namespace: str, inferencemo
     assert wide[1].split()[-2:] == ["tensorrt", "fp16"]
 
 
-def test_status_round_trips_and_kubectl_wait_sees_ready(
-    cluster: Any, namespace: str, inferencemodel_crd: Path
-) -> None:
+def test_status_round_trips_and_kubectl_wait_sees_ready(cluster: Any, namespace: str, inferencemodel_crd: Path) -> None:
     create_with_status(cluster, namespace, "minilm")
     cluster.kubectl("wait", "-n", namespace, "--for=condition=Ready", "--timeout=60s", "im/minilm")
     stored = get_json(cluster, namespace, "minilm")
@@ -241,8 +237,7 @@ def random_spec(rng: random.Random) -> dict[str, Any]:
             "ids": {
                 "min": lows,
                 "opt": [d + rng.randint(-4, 64) for d in lows],
-                "max": [d + rng.randint(64, 256) for d in lows][: rng.choice([dims, dims, dims - 1])]
-                or [512],
+                "max": [d + rng.randint(64, 256) for d in lows][: rng.choice([dims, dims, dims - 1])] or [512],
             }
         }
 

@@ -42,9 +42,7 @@ def test_every_gpu_architecture_is_listed_with_its_labels(cluster: Cluster) -> N
     assert len(cpu_only) >= 2
 
 
-def test_a_job_pinned_to_compute_major_9_lands_on_an_h100_and_completes(
-    cluster: Cluster, namespace: str
-) -> None:
+def test_a_job_pinned_to_compute_major_9_lands_on_an_h100_and_completes(cluster: Cluster, namespace: str) -> None:
     job = {
         "apiVersion": "batch/v1",
         "kind": "Job",

@@ -61,8 +61,7 @@ def deployments(cluster: Cluster, namespace: str) -> dict[str, dict[str, Any]]:
 
 def engine_keys(cluster: Cluster, namespace: str) -> dict[str, str]:
     return {
-        a: d["metadata"]["annotations"]["modelfleet.io/engine-key"]
-        for a, d in deployments(cluster, namespace).items()
+        a: d["metadata"]["annotations"]["modelfleet.io/engine-key"] for a, d in deployments(cluster, namespace).items()
     }
 
 
@@ -79,9 +78,7 @@ def wait_ready(cluster: Cluster, namespace: str, name: str = "clf") -> None:
 
 
 def events(cluster: Cluster, namespace: str) -> list[dict[str, Any]]:
-    return get(cluster, namespace, "events", "--field-selector", "involvedObject.kind=InferenceModel")[
-        "items"
-    ]
+    return get(cluster, namespace, "events", "--field-selector", "involvedObject.kind=InferenceModel")["items"]
 
 
 @pytest.fixture
@@ -216,9 +213,7 @@ def test_a_precision_change_builds_first_and_rolls_only_when_engines_are_ready(
     assert {e["reason"] for e in events(cluster, ns)} >= {"RollingOut"}
 
 
-def test_a_failed_build_keeps_the_previous_version_serving_and_says_why(
-    cluster: Cluster, ready_model: str
-) -> None:
+def test_a_failed_build_keeps_the_previous_version_serving_and_says_why(cluster: Cluster, ready_model: str) -> None:
     ns = ready_model
     before_keys = engine_keys(cluster, ns)
     cluster.kubectl(
@@ -233,10 +228,12 @@ def test_a_failed_build_keeps_the_previous_version_serving_and_says_why(
     )
     status = wait_for(
         "every new build Failed and Degraded=True",
-        lambda: (s := model_status(cluster, ns))
-        and condition(s, "Degraded").get("status") == "True"
-        and {e["phase"] for e in s["engines"]} == {"Failed"}
-        and s,
+        lambda: (
+            (s := model_status(cluster, ns))
+            and condition(s, "Degraded").get("status") == "True"
+            and {e["phase"] for e in s["engines"]} == {"Failed"}
+            and s
+        ),
     )
     degraded = condition(status, "Degraded")
     assert degraded["reason"] == "BuildFailed"
@@ -277,16 +274,13 @@ def test_a_new_architecture_joining_builds_and_serves_and_leaving_removes_it(
         cluster.kubectl("apply", "-f", "-", input=json.dumps(node))
         wait_for(
             "a build Job for sm100",
-            lambda: any(
-                j["metadata"]["labels"]["modelfleet.io/architecture"] == "sm100" for j in jobs(cluster, ns)
-            ),
+            lambda: any(j["metadata"]["labels"]["modelfleet.io/architecture"] == "sm100" for j in jobs(cluster, ns)),
         )
         wait_for("a Deployment for sm100", lambda: "sm100" in deployments(cluster, ns))
         assert wait_for(
             "sm100 engine Ready",
             lambda: any(
-                e["architecture"] == "sm100" and e["phase"] == "Ready"
-                for e in model_status(cluster, ns)["engines"]
+                e["architecture"] == "sm100" and e["phase"] == "Ready" for e in model_status(cluster, ns)["engines"]
             ),
         )
     finally:
@@ -376,24 +370,25 @@ def test_a_pinned_architecture_without_nodes_is_reported(
     status = model_status(cluster, ns)
     assert [e["architecture"] for e in status["engines"]] == ["sm90"]
     degraded = condition(status, "Degraded")
-    assert (
-        degraded["status"] == "True"
-        and degraded["reason"] == "NoEligibleNodes"
-        and "sm100" in degraded["message"]
-    )
+    assert degraded["status"] == "True" and degraded["reason"] == "NoEligibleNodes" and "sm100" in degraded["message"]
 
 
 def test_autoscaling_takes_over_replicas_and_explains_itself(
-        cluster: Cluster, model_namespace: str, operator: OperatorProcess) -> None:
+    cluster: Cluster, model_namespace: str, operator: OperatorProcess
+) -> None:
     # KWOK pods run nothing and have loopback IPs: every scrape is refused, so metrics are unavailable.
     # The HPA then neither scales down nor guesses up; the model runs minReplicas and says why.
     ns = model_namespace
     apply_model(cluster, ns, replicas=1, autoscaling={"minReplicas": 5, "maxReplicas": 12, "targetQPSPerReplica": 50})
     wait_ready(cluster, ns)
-    wait_for("5 replicas (minReplicas)",
-             lambda: sum(d["spec"]["replicas"] for d in deployments(cluster, ns).values()) == 5)
+    wait_for(
+        "5 replicas (minReplicas)", lambda: sum(d["spec"]["replicas"] for d in deployments(cluster, ns).values()) == 5
+    )
     status = wait_for("status.autoscaler", lambda: model_status(cluster, ns).get("autoscaler"), timeout=120)
     assert status["desiredReplicas"] == 5
     assert status["reason"]
-    assert wait_for("an autoscaler Event", lambda: [e for e in events(cluster, ns) if e["reason"] in {
-        "MetricsUnavailable", "NoChange", "ScaledUp"}], timeout=120)
+    assert wait_for(
+        "an autoscaler Event",
+        lambda: [e for e in events(cluster, ns) if e["reason"] in {"MetricsUnavailable", "NoChange", "ScaledUp"}],
+        timeout=120,
+    )

@@ -153,9 +153,7 @@ INVALID_MANIFESTS: list[Invalid] = [
         "spec.autoscaling.targetP99LatencyMilliseconds",
         "should be greater than 0",
     ),
-    Invalid(
-        "min-replicas-zero", {"spec.autoscaling.minReplicas": 0}, "spec.autoscaling.minReplicas", f"{GE} 1"
-    ),
+    Invalid("min-replicas-zero", {"spec.autoscaling.minReplicas": 0}, "spec.autoscaling.minReplicas", f"{GE} 1"),
     Invalid("gpu-above-16", {"spec.serving.resources.gpu": 17}, "spec.serving.resources.gpu", f"{LE} 16"),
     Invalid(
         "too-many-architectures",
@@ -251,9 +249,7 @@ INVALID_MANIFESTS: list[Invalid] = [
         "spec.engine.precision",
         rule=api.FP8_BACKEND,
     ),
-    Invalid(
-        "https-without-sha256", {"spec.model.uri": HTTPS}, "spec.model.sha256", rule=api.HTTPS_NEEDS_SHA256
-    ),
+    Invalid("https-without-sha256", {"spec.model.uri": HTTPS}, "spec.model.sha256", rule=api.HTTPS_NEEDS_SHA256),
     Invalid(
         "https-with-null-sha256",
         {"spec.model.uri": HTTPS, "spec.model.sha256": None},
@@ -336,9 +332,7 @@ INVALID_MANIFESTS: list[Invalid] = [
         model="architectures must not repeat",
     ),
     # unknown fields (strict field validation)
-    Invalid(
-        "unknown-engine-field", {"spec.engine.precison": "fp16"}, "spec.engine.precison", "unknown field"
-    ),
+    Invalid("unknown-engine-field", {"spec.engine.precison": "fp16"}, "spec.engine.precison", "unknown field"),
     Invalid("unknown-model-field", {"spec.model.checksum": SHA}, "spec.model.checksum", "unknown field"),
     Invalid("unknown-spec-field", {"spec.replica": 3}, "spec.replica", "unknown field"),
     # missing required fields
@@ -608,9 +602,7 @@ STATUS: dict[str, Any] = {
         {"architecture": "sm80", "phase": "Building", "job": "minilm-build-sm80-5e6f7a8b"},
     ],
     "engineSummary": "1/2",
-    "architectures": [
-        {"name": "sm90", "nodes": 2, "replicas": 4, "readyReplicas": 4, "deployment": "minilm-sm90"}
-    ],
+    "architectures": [{"name": "sm90", "nodes": 2, "replicas": 4, "readyReplicas": 4, "deployment": "minilm-sm90"}],
     "replicas": 4,
     "readyReplicas": 4,
     "selector": "modelfleet.io/model=minilm",
@@ -684,9 +676,7 @@ def test_the_invalid_table_is_large_and_its_ids_unique() -> None:
 
 def test_every_cel_rule_has_an_invalid_manifest() -> None:
     declared = {name for name, value in vars(api).items() if isinstance(value, api.CelRule)}
-    covered = {
-        name for name, value in vars(api).items() if any(case.rule is value for case in INVALID_MANIFESTS)
-    }
+    covered = {name for name, value in vars(api).items() if any(case.rule is value for case in INVALID_MANIFESTS)}
     assert declared - covered == set()
 
 

@@ -301,9 +301,7 @@ def test_a_reversal_soon_after_a_scale_down_doubles_the_window() -> None:
     d = run(cfg, observe(100, 2, [300.0, 300.0], startup=60.0), state)
     assert d.desired_replicas > 2
     assert d.state.down_window == pytest.approx(120.0)
-    later = run(
-        cfg, observe(100 + 1800, d.desired_replicas, [300.0] * d.desired_replicas, startup=60.0), d.state
-    )
+    later = run(cfg, observe(100 + 1800, d.desired_replicas, [300.0] * d.desired_replicas, startup=60.0), d.state)
     assert later.state.down_window == pytest.approx(60.0)  # half-life of 30 minutes back to the base
 
 

@@ -17,18 +17,21 @@ from tests.modelzoo import FEATURES, classifier_model
 from tests.runtime.conftest import ServerFactory, ServerProcess
 
 WINDOW_S = 4  # a short scale-down window so the test sees the fall; the algorithm, not the test, enforces it
-CONFIG = AutoscalerConfig.model_validate({
-    "minReplicas": 2,
-    "maxReplicas": 10,
-    "targetQPSPerReplica": 10,
-    "targetP99LatencyMilliseconds": 5000,  # only QPS drives this test: no dependence on this machine's speed
-    "behavior": {"scaleDown": {"stabilizationWindowSeconds": WINDOW_S}},
-})
+CONFIG = AutoscalerConfig.model_validate(
+    {
+        "minReplicas": 2,
+        "maxReplicas": 10,
+        "targetQPSPerReplica": 10,
+        "targetP99LatencyMilliseconds": 5000,  # only QPS drives this test: no dependence on this machine's speed
+        "behavior": {"scaleDown": {"stabilizationWindowSeconds": WINDOW_S}},
+    }
+)
 INFER = HttpRequest(
     method="POST",
     path="/v2/models/clf/infer",
-    body=json.dumps({"inputs": [{"name": "input", "shape": [1, FEATURES], "datatype": "FP32",
-                                 "data": [0.1] * FEATURES}]}).encode(),
+    body=json.dumps(
+        {"inputs": [{"name": "input", "shape": [1, FEATURES], "datatype": "FP32", "data": [0.1] * FEATURES}]}
+    ).encode(),
     headers=(("Content-Type", "application/json"),),
 )
 
@@ -45,20 +48,29 @@ def runtimes(tmp_path: Path) -> Iterator[list[ServerProcess]]:
 
 def pods(servers: list[ServerProcess], replicas: int) -> list[ServingPod]:
     """The real runtimes, plus (when the autoscaler has asked for more) replicas still starting: not Ready."""
-    running = [ServingPod(name=f"clf-{i}", ready=True, host="127.0.0.1", port=s.port, startup_seconds=2.0)
-               for i, s in enumerate(servers)]
+    running = [
+        ServingPod(name=f"clf-{i}", ready=True, host="127.0.0.1", port=s.port, startup_seconds=2.0)
+        for i, s in enumerate(servers)
+    ]
     starting = [ServingPod(name=f"clf-new-{i}", ready=False, host=None, port=0) for i in range(replicas - len(servers))]
     return running + starting
 
 
 async def step(autoscaler: Autoscaler, servers: list[ServerProcess], replicas: int = 2) -> Step:
-    return await autoscaler.step(key="ml/clf", model="clf", config=CONFIG, pods=pods(servers, replicas),
-                                 current_replicas=replicas)
+    return await autoscaler.step(
+        key="ml/clf", model="clf", config=CONFIG, pods=pods(servers, replicas), current_replicas=replicas
+    )
 
 
 async def load(servers: list[ServerProcess], rate: float, seconds: float) -> int:
-    results = await asyncio.gather(*(run_open_loop(host="127.0.0.1", port=s.port, requests=[INFER], rate=rate / 2,
-                                                   duration_s=seconds, connections=8) for s in servers))
+    results = await asyncio.gather(
+        *(
+            run_open_loop(
+                host="127.0.0.1", port=s.port, requests=[INFER], rate=rate / 2, duration_s=seconds, connections=8
+            )
+            for s in servers
+        )
+    )
     return sum(r.ok for r in results)
 
 

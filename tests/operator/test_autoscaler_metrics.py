@@ -107,9 +107,7 @@ class FakeRuntimeMetrics:
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
 
     def __post_init__(self) -> None:
-        self.requests = Counter(
-            "modelfleet_requests", "requests", ["model", "outcome"], registry=self.registry
-        )
+        self.requests = Counter("modelfleet_requests", "requests", ["model", "outcome"], registry=self.registry)
         self.duration = Histogram(
             "modelfleet_request_duration_seconds",
             "latency",
@@ -211,9 +209,7 @@ def test_observation_marks_new_failed_and_unready_pods() -> None:
 
 def test_first_round_has_no_latency_rather_than_an_idle_one() -> None:
     cur: dict[str, Snapshot | None] = {"a": snapshot(10.0, 5, h((0.1, 5), (INF, 5)))}
-    obs, _ = build_observation(
-        now=10.0, current_replicas=1, pods=[PodTarget("a", True)], previous={}, current=cur
-    )
+    obs, _ = build_observation(now=10.0, current_replicas=1, pods=[PodTarget("a", True)], previous={}, current=cur)
     assert not obs.latency_available
 
 
@@ -314,9 +310,7 @@ def test_scraper_tolerates_failures_and_computes_rates() -> None:
                 a.metrics.serve("success", 0.003, n=95)
                 a.metrics.serve("rejected_queue_full", None, n=5)
                 b.metrics.serve("success", 0.2, n=20)
-                second = await source.observe(
-                    key="ns/m", model="minilm", pods=endpoints(), current_replicas=6
-                )
+                second = await source.observe(key="ns/m", model="minilm", pods=endpoints(), current_replicas=6)
 
             assert idle.hits == 0  # not-ready pods are never contacted
             obs = second.observation
@@ -346,9 +340,7 @@ def test_scraper_tolerates_failures_and_computes_rates() -> None:
 
 def test_prometheus_source_builds_promql_and_reads_vectors() -> None:
     queries = build_queries(model='m"x', namespace="ml")
-    assert (
-        queries["qps"] == 'sum by (pod) (rate(modelfleet_requests_total{model="m\\"x",namespace="ml"}[1m]))'
-    )
+    assert queries["qps"] == 'sum by (pod) (rate(modelfleet_requests_total{model="m\\"x",namespace="ml"}[1m]))'
     assert queries["p99"].startswith("histogram_quantile(0.99, sum by (le) (rate(modelfleet_request_duration")
 
     seen: list[str] = []
@@ -383,9 +375,7 @@ def test_prometheus_source_builds_promql_and_reads_vectors() -> None:
             async with aiohttp.ClientSession() as session:
                 source = PrometheusSource(base_url=f"http://127.0.0.1:{port}", session=session)
                 pods = [PodTarget("p0", True), PodTarget("p1", True), PodTarget("p2", False)]
-                report = await source.observe(
-                    model="m", namespace="ml", pods=pods, current_replicas=3, now=5.0
-                )
+                report = await source.observe(model="m", namespace="ml", pods=pods, current_replicas=3, now=5.0)
                 obs = report.observation
                 assert [(p.name, p.qps) for p in obs.pods] == [("p0", 120.5), ("p1", None), ("p2", None)]
                 assert obs.p99_seconds == pytest.approx(0.042)
@@ -394,9 +384,7 @@ def test_prometheus_source_builds_promql_and_reads_vectors() -> None:
                 failing = PrometheusSource(base_url=f"http://127.0.0.1:{bad_port}", session=session)
                 with pytest.raises(PrometheusError, match="parse error"):
                     await failing.query("up")
-                report = await failing.observe(
-                    model="m", namespace=None, pods=pods, current_replicas=3, now=5.0
-                )
+                report = await failing.observe(model="m", namespace=None, pods=pods, current_replicas=3, now=5.0)
                 assert not report.observation.latency_available
                 assert all(p.qps is None for p in report.observation.pods)
                 assert len(report.errors) == 2

@@ -49,9 +49,7 @@ def test_committed_crd_is_up_to_date() -> None:
 def test_helm_copy_is_up_to_date() -> None:
     if not HELM_COPY.exists():
         pytest.skip("the chart has no CRD copy yet (make manifests writes it)")
-    assert HELM_COPY.read_text(encoding="utf-8") == crdgen.render_crd(), (
-        "helm CRD copy is stale: make manifests"
-    )
+    assert HELM_COPY.read_text(encoding="utf-8") == crdgen.render_crd(), "helm CRD copy is stale: make manifests"
 
 
 def test_main_writes_every_output(tmp_path: Path) -> None:
@@ -102,9 +100,7 @@ def test_defaults_enums_and_bounds_are_kept(schema: dict[str, Any]) -> None:
     assert engine["properties"]["precision"]["enum"] == ["fp32", "fp16", "int8", "fp8"]
     level = engine["properties"]["tensorrt"]["properties"]["builderOptimizationLevel"]
     assert (level["minimum"], level["maximum"], level["default"]) == (0, 5, 3)
-    p99 = schema["properties"]["spec"]["properties"]["autoscaling"]["properties"][
-        "targetP99LatencyMilliseconds"
-    ]
+    p99 = schema["properties"]["spec"]["properties"]["autoscaling"]["properties"]["targetP99LatencyMilliseconds"]
     assert (p99["minimum"], p99["exclusiveMinimum"]) == (0, True)
 
 
@@ -120,9 +116,7 @@ def test_status_has_no_defaults(schema: dict[str, Any]) -> None:
 
 
 def test_quantities_are_int_or_string(schema: dict[str, Any]) -> None:
-    cpu = schema["properties"]["spec"]["properties"]["serving"]["properties"]["resources"]["properties"][
-        "cpu"
-    ]
+    cpu = schema["properties"]["spec"]["properties"]["serving"]["properties"]["resources"]["properties"]["cpu"]
     assert cpu["x-kubernetes-int-or-string"] is True
     assert cpu["pattern"] == api.QUANTITY_PATTERN
     assert cpu["default"] == "2"

@@ -34,14 +34,8 @@ def gpu_node(
 
 
 def test_architecture_comes_from_compute_capability_labels() -> None:
-    assert (
-        node_architecture({"nvidia.com/gpu.compute.major": "9", "nvidia.com/gpu.compute.minor": "0"})
-        == "sm90"
-    )
-    assert (
-        node_architecture({"nvidia.com/gpu.compute.major": "8", "nvidia.com/gpu.compute.minor": "9"})
-        == "sm89"
-    )
+    assert node_architecture({"nvidia.com/gpu.compute.major": "9", "nvidia.com/gpu.compute.minor": "0"}) == "sm90"
+    assert node_architecture({"nvidia.com/gpu.compute.major": "8", "nvidia.com/gpu.compute.minor": "9"}) == "sm89"
 
 
 def test_architecture_falls_back_to_the_product_name_longest_match_first() -> None:
@@ -74,9 +68,7 @@ def test_cpu_serving_has_one_architecture_and_avoids_tainted_gpu_nodes() -> None
 
 def test_node_selector_affinity_and_taints_decide_eligibility() -> None:
     h100 = gpu_node("h1", "9", "0", pool="prod")
-    tainted = gpu_node(
-        "h2", "9", "0", taints=(GPU_TAINT, {"key": "dedicated", "value": "llm", "effect": "NoSchedule"})
-    )
+    tainted = gpu_node("h2", "9", "0", taints=(GPU_TAINT, {"key": "dedicated", "value": "llm", "effect": "NoSchedule"}))
     assert eligible(h100, Placement.model_validate({"nodeSelector": {"pool": "prod"}}), gpus=1)
     assert not eligible(h100, Placement.model_validate({"nodeSelector": {"pool": "dev"}}), gpus=1)
     assert not eligible(tainted, Placement(), gpus=1)
@@ -87,9 +79,7 @@ def test_node_selector_affinity_and_taints_decide_eligibility() -> None:
     affinity = {
         "nodeAffinity": {
             "requiredDuringSchedulingIgnoredDuringExecution": {
-                "nodeSelectorTerms": [
-                    {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["prod"]}]}
-                ]
+                "nodeSelectorTerms": [{"matchExpressions": [{"key": "pool", "operator": "In", "values": ["prod"]}]}]
             }
         }
     }

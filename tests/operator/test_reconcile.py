@@ -107,10 +107,7 @@ def serve(
     results = {
         j["metadata"]["name"]: {
             "phase": "Ready",
-            "key": "k-"
-            + j["metadata"]["labels"]["modelfleet.io/architecture"]
-            + "-"
-            + im.spec.engine.precision,
+            "key": "k-" + j["metadata"]["labels"]["modelfleet.io/architecture"] + "-" + im.spec.engine.precision,
             "backend": "tensorrt",
             "backendVersion": "10.3",
         }
@@ -146,15 +143,9 @@ def test_build_jobs_are_pinned_to_their_architecture_and_parse_back_to_the_same_
         if j["metadata"]["labels"]["modelfleet.io/architecture"] == "sm89"
     )
     pod = job["spec"]["template"]["spec"]
-    terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
-        "nodeSelectorTerms"
-    ]
-    assert {"key": "nvidia.com/gpu.compute.major", "operator": "In", "values": ["8"]} in terms[0][
-        "matchExpressions"
-    ]
-    assert {"key": "nvidia.com/gpu.compute.minor", "operator": "In", "values": ["9"]} in terms[0][
-        "matchExpressions"
-    ]
+    terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert {"key": "nvidia.com/gpu.compute.major", "operator": "In", "values": ["8"]} in terms[0]["matchExpressions"]
+    assert {"key": "nvidia.com/gpu.compute.minor", "operator": "In", "values": ["9"]} in terms[0]["matchExpressions"]
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
     container = pod["containers"][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
@@ -171,9 +162,7 @@ def test_build_jobs_are_pinned_to_their_architecture_and_parse_back_to_the_same_
 
 def test_finished_builds_roll_out_deployments_that_serve_their_engine() -> None:
     im, _, deployments = serve(model(replicas=6))
-    assert sorted(d["metadata"]["name"] for d in deployments) == sorted(
-        deployment_name("clf", a) for a in ARCHS
-    )
+    assert sorted(d["metadata"]["name"] for d in deployments) == sorted(deployment_name("clf", a) for a in ARCHS)
     for dep in deployments:
         arch = dep["metadata"]["labels"]["modelfleet.io/architecture"]
         assert dep["metadata"]["annotations"][ANNOTATION_ENGINE_KEY] == f"k-{arch}-fp16"
@@ -218,12 +207,8 @@ def test_a_precision_change_builds_new_engines_while_old_deployments_keep_servin
 
 def test_after_the_new_engines_are_ready_deployments_roll_and_old_jobs_go() -> None:
     im, old_jobs, deployments = serve(model())
-    changed = with_status(
-        model(engine={"precision": "fp32"}), im.model_dump(mode="json", by_alias=True)["status"]
-    )
-    p1 = plan(
-        changed, Observed(nodes=FLEET, jobs=old_jobs, deployments=deployments), settings=SETTINGS, now=NOW
-    )
+    changed = with_status(model(engine={"precision": "fp32"}), im.model_dump(mode="json", by_alias=True)["status"])
+    p1 = plan(changed, Observed(nodes=FLEET, jobs=old_jobs, deployments=deployments), settings=SETTINGS, now=NOW)
     new_jobs = [finished_job(j) for j in kinds(p1, "Job")]
     results = {
         j["metadata"]["name"]: {
@@ -240,9 +225,7 @@ def test_after_the_new_engines_are_ready_deployments_roll_and_old_jobs_go() -> N
         now=NOW,
     )
     rolled = kinds(p2, "Deployment")
-    assert {d["metadata"]["annotations"][ANNOTATION_ENGINE_KEY] for d in rolled} == {
-        f"new-{a}" for a in ARCHS
-    }
+    assert {d["metadata"]["annotations"][ANNOTATION_ENGINE_KEY] for d in rolled} == {f"new-{a}" for a in ARCHS}
     assert {e.reason for e in p2.events} >= {"EngineReady", "RollingOut"}
     changed = with_status(changed, p2.status)
     p3 = plan(
@@ -311,16 +294,12 @@ def test_a_new_architecture_joining_gets_its_build() -> None:
         taints=(GPU_TAINT,),
         gpus=8,
     )
-    p = plan(
-        im, Observed(nodes=[*FLEET, b200], jobs=jobs, deployments=deployments), settings=SETTINGS, now=NOW
-    )
+    p = plan(im, Observed(nodes=[*FLEET, b200], jobs=jobs, deployments=deployments), settings=SETTINGS, now=NOW)
     assert [j["metadata"]["labels"]["modelfleet.io/architecture"] for j in kinds(p, "Job")] == ["sm100"]
 
 
 def test_pinned_architectures_build_only_those_and_flag_the_missing() -> None:
-    p = plan(
-        model(engine={"architectures": ["sm90", "sm100"]}), Observed(nodes=FLEET), settings=SETTINGS, now=NOW
-    )
+    p = plan(model(engine={"architectures": ["sm90", "sm100"]}), Observed(nodes=FLEET), settings=SETTINGS, now=NOW)
     assert [j["metadata"]["labels"]["modelfleet.io/architecture"] for j in kinds(p, "Job")] == ["sm90"]
     degraded = cond(p, "Degraded")
     assert degraded["status"] == "True" and "sm100" in degraded["message"]
@@ -342,9 +321,7 @@ def test_build_identity_changes_with_what_changes_the_engine_and_only_that() -> 
     rebuilt = model()
     rebuilt.metadata["annotations"] = {"modelfleet.io/rebuild": "2026-11-21"}
     assert build_identity(rebuilt, "sm90", SETTINGS)[0] != base
-    assert job_name("clf", "sm90", base) != job_name(
-        "clf", "sm90", build_identity(rebuilt, "sm90", SETTINGS)[0]
-    )
+    assert job_name("clf", "sm90", base) != job_name("clf", "sm90", build_identity(rebuilt, "sm90", SETTINGS)[0])
 
 
 def test_with_pinned_digest_and_known_backend_version_the_build_id_is_the_engine_key() -> None:
@@ -356,9 +333,7 @@ def test_with_pinned_digest_and_known_backend_version_the_build_id_is_the_engine
     build_id, exact = build_identity(im, "sm90", settings)
     assert exact
     options = build_options(im.spec, settings).with_backend("tensorrt")
-    assert build_id == engine_key(
-        model_digest=sha, options=options, architecture="sm90", backend_version="10.3.0"
-    )
+    assert build_id == engine_key(model_digest=sha, options=options, architecture="sm90", backend_version="10.3.0")
     assert not build_identity(model(), "sm90", settings)[1]
 
 
@@ -390,9 +365,7 @@ def test_jobs_awaiting_results_are_the_finished_ones_not_yet_recorded() -> None:
         (None, {}),
     ],
 )
-def test_termination_messages_parse_or_become_plain_messages(
-    message: str | None, expected: dict[str, Any]
-) -> None:
+def test_termination_messages_parse_or_become_plain_messages(message: str | None, expected: dict[str, Any]) -> None:
     assert parse_termination_message(message) == expected
 
 
@@ -433,13 +406,19 @@ def test_a_restarted_operator_keeps_the_last_autoscaling_decision_not_spec_repli
 def test_the_autoscalers_status_is_recorded_and_dropped_when_autoscaling_is_removed() -> None:
     im, jobs, deployments = serve(model(autoscaling=AUTOSCALING))
     decision = {"qps": 12.5, "desiredReplicas": 3, "currentReplicas": 2, "reason": "ScaledUp: QPS 12.5"}
-    p = plan(im, Observed(nodes=FLEET, jobs=jobs, deployments=deployments, autoscaled_replicas=3,
-                          autoscaler_status=decision), settings=SETTINGS, now=NOW)
+    p = plan(
+        im,
+        Observed(nodes=FLEET, jobs=jobs, deployments=deployments, autoscaled_replicas=3, autoscaler_status=decision),
+        settings=SETTINGS,
+        now=NOW,
+    )
     assert p.status["autoscaler"] == decision
     assert sum(d["spec"]["replicas"] for d in kinds(p, "Deployment")) == 3
     off = with_status(model(), p.status)
-    assert "autoscaler" not in plan(off, Observed(nodes=FLEET, jobs=jobs, deployments=deployments),
-                                    settings=SETTINGS, now=NOW).status
+    assert (
+        "autoscaler"
+        not in plan(off, Observed(nodes=FLEET, jobs=jobs, deployments=deployments), settings=SETTINGS, now=NOW).status
+    )
 
 
 def test_scaling_up_keeps_ready_and_reports_progress() -> None:
@@ -452,8 +431,9 @@ def test_scaling_up_keeps_ready_and_reports_progress() -> None:
         dep["metadata"]["generation"] = 2
         dep["status"].update({"observedGeneration": 2, "availableReplicas": 1, "readyReplicas": 1})
         growing.append(dep)
-    during = plan(with_status(scaled, p.status), Observed(nodes=FLEET, jobs=jobs, deployments=growing),
-                  settings=SETTINGS, now=NOW)
+    during = plan(
+        with_status(scaled, p.status), Observed(nodes=FLEET, jobs=jobs, deployments=growing), settings=SETTINGS, now=NOW
+    )
     assert cond(during, "Ready")["status"] == "True"
     assert cond(during, "Progressing")["reason"] == "RollingOut"
     assert not [e for e in during.events if e.reason == "NotReady"]

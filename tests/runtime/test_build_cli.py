@@ -50,9 +50,7 @@ def classifier(tmp_path: Path) -> Path:
     return classifier_model(tmp_path / "models" / "classifier.onnx")
 
 
-def test_fp32_build_publishes_a_verified_artifact_that_matches_the_reference(
-    tmp_path: Path, classifier: Path
-) -> None:
+def test_fp32_build_publishes_a_verified_artifact_that_matches_the_reference(tmp_path: Path, classifier: Path) -> None:
     code, result = build(tmp_path, "--model", str(classifier))
     assert code == 0, result
     assert result["phase"] == "Ready"
@@ -128,9 +126,7 @@ def test_dynamic_axes_take_their_shape_from_the_flags(tmp_path: Path) -> None:
     np.testing.assert_allclose(got_dot, want_dot, atol=1e-5)
 
 
-def test_an_impossible_threshold_fails_the_gate_and_publishes_nothing(
-    tmp_path: Path, classifier: Path
-) -> None:
+def test_an_impossible_threshold_fails_the_gate_and_publishes_nothing(tmp_path: Path, classifier: Path) -> None:
     code, result = build(tmp_path, "--model", str(classifier), "--precision", "int8", "--max-abs-error", "0")
     assert code == 8
     assert result["phase"] == "Failed"
@@ -153,9 +149,7 @@ def test_truncated_or_empty_model_gives_a_clear_error(tmp_path: Path, classifier
     assert code == 5, result
     assert result["reason"] == "InvalidModel"
     assert "broken.onnx" in result["message"]
-    assert any(word in result["message"] for word in ("truncated", "empty", "onnx.checker")), result[
-        "message"
-    ]
+    assert any(word in result["message"] for word in ("truncated", "empty", "onnx.checker")), result["message"]
     assert "Traceback" not in result["message"]
 
 
@@ -191,9 +185,7 @@ def test_an_input_without_a_batch_axis_is_refused_by_name(tmp_path: Path) -> Non
     assert "input 'features'" in result["message"]
     assert "axis 0 is fixed to 4" in result["message"]
     # Pinning the batch profile to the fixed size makes it a valid (single-batch) build.
-    code, result = build(
-        tmp_path, "--model", str(model), "--batch-min", "4", "--batch-opt", "4", "--batch-max", "4"
-    )
+    code, result = build(tmp_path, "--model", str(model), "--batch-min", "4", "--batch-opt", "4", "--batch-max", "4")
     assert code == 0, result
 
 
@@ -231,9 +223,7 @@ def test_https_without_sha256_is_refused_before_any_download(tmp_path: Path) -> 
 
 
 def test_file_uri_and_sha256_prefix_are_accepted(tmp_path: Path, classifier: Path) -> None:
-    code, result = build(
-        tmp_path, "--model", classifier.as_uri(), "--model-sha256", "sha256:" + sha256(classifier)
-    )
+    code, result = build(tmp_path, "--model", classifier.as_uri(), "--model-sha256", "sha256:" + sha256(classifier))
     assert code == 0, result
 
 
@@ -275,9 +265,7 @@ def test_download_is_verified_against_its_sha256(tmp_path: Path, http_root: tupl
     assert leftovers(tmp_path / "store") == []
 
 
-def test_second_run_is_a_cache_hit(
-    tmp_path: Path, classifier: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_second_run_is_a_cache_hit(tmp_path: Path, classifier: Path, caplog: pytest.LogCaptureFixture) -> None:
     code, first = build(tmp_path, "--model", str(classifier))
     assert code == 0
     artifact = tmp_path / "store" / first["key"] / "model.onnx"

@@ -125,16 +125,8 @@ def test_key_is_stable_for_the_same_inputs() -> None:
         {"options": BuildOptions(backend="tensorrt")},
         {"options": BuildOptions(backend="onnxruntime", precision="fp16")},
         {"options": BuildOptions(backend="onnxruntime", batch=BatchProfile(min=1, opt=8, max=32))},
-        {
-            "options": BuildOptions(
-                backend="onnxruntime", shapes={"x": ShapeRange(min=(1,), opt=(2,), max=(3,))}
-            )
-        },
-        {
-            "options": BuildOptions(
-                backend="onnxruntime", calibration=Calibration(path="c.npz", sha256=DIGEST)
-            )
-        },
+        {"options": BuildOptions(backend="onnxruntime", shapes={"x": ShapeRange(min=(1,), opt=(2,), max=(3,))})},
+        {"options": BuildOptions(backend="onnxruntime", calibration=Calibration(path="c.npz", sha256=DIGEST))},
         {"options": BuildOptions(backend="onnxruntime", accuracy=AccuracyGate(max_abs_error=0.5))},
         {"options": BuildOptions(backend="onnxruntime", accuracy=AccuracyGate(samples=65))},
     ],
@@ -149,12 +141,8 @@ def test_key_ignores_what_does_not_shape_the_artifact() -> None:
     with_path = BuildOptions(backend="onnxruntime", calibration=Calibration(path="/a/c.npz", sha256=DIGEST))
     other_path = BuildOptions(backend="onnxruntime", calibration=Calibration(path="/b/d.npz", sha256=DIGEST))
     assert key(options=with_path) == key(options=other_path)
-    assert (
-        key(options=BuildOptions(backend="onnxruntime", tensorrt=TensorRTOptions(workspace_mib=64))) == key()
-    )
-    explicit = BuildOptions(
-        backend="onnxruntime", accuracy=AccuracyGate(max_rel_error=1e-3, min_top1_agreement=0.99)
-    )
+    assert key(options=BuildOptions(backend="onnxruntime", tensorrt=TensorRTOptions(workspace_mib=64))) == key()
+    explicit = BuildOptions(backend="onnxruntime", accuracy=AccuracyGate(max_rel_error=1e-3, min_top1_agreement=0.99))
     assert key(options=explicit) == key()
 
 
@@ -176,9 +164,7 @@ def test_key_needs_resolved_backend_and_calibration_digest() -> None:
 
 
 def test_key_material_is_canonical_json() -> None:
-    material = key_material(
-        model_digest=DIGEST, options=full_options(), architecture="sm89", backend_version="10.13.0"
-    )
+    material = key_material(model_digest=DIGEST, options=full_options(), architecture="sm89", backend_version="10.13.0")
     assert '"architecture":"sm89"' in material
     assert "calib set.npz" not in material  # the path is not content
     assert normalize_architecture("8.9") == "sm89"

@@ -35,9 +35,7 @@ def free_port() -> int:
 
 def http(method: str, url: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(
-        url, data=data, method=method, headers={"Content-Type": "application/json"}
-    )
+    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             return response.status, json.loads(response.read() or b"{}")
@@ -62,9 +60,7 @@ def serve() -> Iterator[Any]:
         deadline = time.monotonic() + READY_WITHIN_SECONDS
         while time.monotonic() < deadline:
             if process.poll() is not None:
-                raise AssertionError(
-                    f"server exited: {process.stderr.read().decode() if process.stderr else ''}"
-                )
+                raise AssertionError(f"server exited: {process.stderr.read().decode() if process.stderr else ''}")
             try:
                 if http("GET", f"{base}/v2/health/ready")[0] == 200:
                     return base
@@ -103,9 +99,7 @@ def test_built_artifact_is_served_within_the_gate(tmp_path: Path, serve: Any, pr
     base = serve(store / result["key"])
 
     x = np.random.default_rng(11).standard_normal((8, FEATURES)).astype(np.float32)
-    payload = {
-        "inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]
-    }
+    payload = {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
     status, body = http("POST", f"{base}/v2/models/m/infer", payload)
     assert status == 200, body
     (output,) = [o for o in body["outputs"] if o["name"] == "probabilities"]

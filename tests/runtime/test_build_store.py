@@ -40,9 +40,7 @@ def test_racing_publishers_leave_exactly_one_valid_entry(tmp_path: Path) -> None
     context = multiprocessing.get_context("spawn")
     barrier = context.Barrier(racers)
     results = context.Queue()
-    processes = [
-        context.Process(target=_racer, args=(str(tmp_path), i, barrier, results)) for i in range(racers)
-    ]
+    processes = [context.Process(target=_racer, args=(str(tmp_path), i, barrier, results)) for i in range(racers)]
     for process in processes:
         process.start()
     for process in processes:
@@ -76,9 +74,7 @@ def test_read_entry_verifies_the_artifact(tmp_path: Path) -> None:
         ({"key": KEY, "artifact": "model.onnx"}, "artifact_sha256"),
     ],
 )
-def test_untrustworthy_manifests_are_reported(
-    tmp_path: Path, manifest: dict[str, object], needle: str
-) -> None:
+def test_untrustworthy_manifests_are_reported(tmp_path: Path, manifest: dict[str, object], needle: str) -> None:
     (tmp_path / KEY).mkdir()
     (tmp_path / KEY / "manifest.json").write_text(json.dumps(manifest))
     entry = store.read_entry(tmp_path, KEY)

@@ -43,9 +43,7 @@ def load_calibration(path: Path, spec: ModelSpec) -> Feeds:
         with np.load(path, allow_pickle=False) as data:
             arrays = {name: np.asarray(data[name]) for name in data.files}
     except Exception as exc:  # zipfile / format errors
-        raise InvalidOptions(
-            f"calibration {path.name}: not a readable .npz ({type(exc).__name__}: {exc})"
-        ) from exc
+        raise InvalidOptions(f"calibration {path.name}: not a readable .npz ({type(exc).__name__}: {exc})") from exc
     names = [t.name for t in spec.inputs]
     missing = [n for n in names if n not in arrays]
     extra = [n for n in arrays if n not in names]
@@ -62,32 +60,24 @@ def load_calibration(path: Path, spec: ModelSpec) -> Feeds:
         if rows is None:
             rows = array.shape[0]
         elif array.shape[0] != rows:
-            raise InvalidOptions(
-                f"calibration {path.name}: {tensor.name!r} has {array.shape[0]} rows, others {rows}"
-            )
+            raise InvalidOptions(f"calibration {path.name}: {tensor.name!r} has {array.shape[0]} rows, others {rows}")
     return feeds
 
 
 def _conform(array: Array, tensor: TensorSpec, *, source: str) -> Array:
     dims = tensor.shape or ()
     if array.ndim != len(dims):
-        raise InvalidOptions(
-            f"{source}: {tensor.name!r} has rank {array.ndim}, the input has rank {len(dims)}"
-        )
+        raise InvalidOptions(f"{source}: {tensor.name!r} has rank {array.ndim}, the input has rank {len(dims)}")
     for axis, dim in enumerate(dims):
         if axis > 0 and isinstance(dim, int) and dim > 0 and array.shape[axis] != dim:
-            raise InvalidOptions(
-                f"{source}: {tensor.name!r} axis {axis} is {array.shape[axis]}, the model fixes {dim}"
-            )
+            raise InvalidOptions(f"{source}: {tensor.name!r} axis {axis} is {array.shape[axis]}, the model fixes {dim}")
     target = np.dtype(tensor.dtype)
     if not np.can_cast(array.dtype, target, casting="same_kind"):
         raise InvalidOptions(f"{source}: {tensor.name!r} is {array.dtype}, the input needs {target}")
     return np.ascontiguousarray(array.astype(target, copy=False))
 
 
-def synthetic_feeds(
-    spec: ModelSpec, *, options: BuildOptions, rows: int, seed: int = SYNTHETIC_SEED
-) -> Feeds:
+def synthetic_feeds(spec: ModelSpec, *, options: BuildOptions, rows: int, seed: int = SYNTHETIC_SEED) -> Feeds:
     """Seeded inputs shaped by the specs: normal floats; for integers, masks of ones, zero type ids, and
     ids drawn from the embedding table they index (or SYNTHETIC_ID_RANGE when unknown)."""
     rng = np.random.default_rng(seed)
@@ -132,9 +122,7 @@ def gate_batches(spec: ModelSpec, *, options: BuildOptions, calibration: Feeds |
         feeds = {name: array[:wanted] for name, array in calibration.items()}
         batches = split_batches(feeds, batch_size=batch.opt, min_batch=batch.min)
         if not batches:
-            raise InvalidOptions(
-                f"calibration data has {rows} rows, fewer than the batch profile's min {batch.min}"
-            )
+            raise InvalidOptions(f"calibration data has {rows} rows, fewer than the batch profile's min {batch.min}")
         return batches
     rows = math.ceil(wanted / batch.opt) * batch.opt
     return split_batches(synthetic_feeds(spec, options=options, rows=rows), batch_size=batch.opt, min_batch=1)
@@ -201,8 +189,7 @@ class AccuracyReport:
         if not (math.isfinite(self.max_abs_error) and math.isfinite(self.max_rel_error)):
             data[name("non_finite")] = True
         data["outputs"] = {
-            output: figures(f.max_abs_error, f.max_rel_error, f.top1_agreement)
-            for output, f in self.outputs.items()
+            output: figures(f.max_abs_error, f.max_rel_error, f.top1_agreement) for output, f in self.outputs.items()
         }
         return data
 
@@ -251,9 +238,7 @@ def compare_outputs(
                 )
             ref_parts.append(ref[name])
             cand_parts.append(cand[name])
-        figures[name] = _figures(
-            np.concatenate(ref_parts), np.concatenate(cand_parts), classifier=name in classifiers
-        )
+        figures[name] = _figures(np.concatenate(ref_parts), np.concatenate(cand_parts), classifier=name in classifiers)
     top1 = [f.top1_agreement for f in figures.values() if f.top1_agreement is not None]
     return AccuracyReport(
         samples=sum(next(iter(r.values())).shape[0] for r in references),
@@ -281,12 +266,7 @@ def _figures(reference: Array, candidate: Array, *, classifier: bool) -> OutputF
 
 
 def _top1(reference: Array, candidate: Array) -> float | None:
-    if (
-        reference.ndim != 2
-        or reference.shape[1] < 2
-        or reference.dtype.kind != "f"
-        or reference.shape[0] == 0
-    ):
+    if reference.ndim != 2 or reference.shape[1] < 2 or reference.dtype.kind != "f" or reference.shape[0] == 0:
         return None
     agree = np.argmax(reference, axis=1) == np.argmax(np.nan_to_num(candidate, nan=-np.inf), axis=1)
     return float(agree.mean())

@@ -57,9 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--model", required=True, metavar="URI", help="path, file:///path or https://... (+ --model-sha256)"
     )
-    parser.add_argument(
-        "--model-sha256", metavar="HEX", help="expected sha256 of the model (required for https)"
-    )
+    parser.add_argument("--model-sha256", metavar="HEX", help="expected sha256 of the model (required for https)")
     parser.add_argument("--store", required=True, type=Path, metavar="DIR", help="engine store root")
     parser.add_argument(
         "--architecture",
@@ -97,9 +95,7 @@ def detect_gpu_architecture() -> str | None:
         if done is not None and done.returncode == 0:
             caps = {line.strip() for line in done.stdout.splitlines() if line.strip()}
             if len(caps) > 1:
-                raise Unsupported(
-                    f"the build machine has GPUs of several architectures {sorted(caps)}; expose one"
-                )
+                raise Unsupported(f"the build machine has GPUs of several architectures {sorted(caps)}; expose one")
             if caps:
                 return normalize_architecture(caps.pop())
     return _cuda_python_architecture()
@@ -200,9 +196,7 @@ class Progress:
                 reason,
             )
             raise
-        log.info(
-            "[%d/%d] %-8s %.2fs  %s", self.index, len(STEPS), name, time.monotonic() - begun, "; ".join(notes)
-        )
+        log.info("[%d/%d] %-8s %.2fs  %s", self.index, len(STEPS), name, time.monotonic() - begun, "; ".join(notes))
 
 
 @dataclass
@@ -249,9 +243,7 @@ class Result:
             text = json.dumps(data, separators=(",", ":"), allow_nan=False)
         while len(text.encode()) > TERMINATION_LIMIT and data["message"]:
             message = str(data["message"])
-            data["message"] = (
-                message[: max(0, len(message) - (len(text.encode()) - TERMINATION_LIMIT) - 8)] + "..."
-            )
+            data["message"] = message[: max(0, len(message) - (len(text.encode()) - TERMINATION_LIMIT) - 8)] + "..."
             if len(message) <= 3:
                 data["message"] = None
             text = json.dumps(data, separators=(",", ":"), allow_nan=False)
@@ -340,9 +332,7 @@ def run(request: Request, result: Result) -> None:
         options = options.with_backend(backend)
         version = backend_version(backend)
         result.architecture, result.backend, result.backend_version = architecture, backend, version
-        notes.append(
-            f"architecture {architecture} ({'detected' if detected else 'no GPU'}), {backend} {version}"
-        )
+        notes.append(f"architecture {architecture} ({'detected' if detected else 'no GPU'}), {backend} {version}")
 
     try:
         store.mkdir(parents=True, exist_ok=True)

@@ -67,9 +67,7 @@ def fetch(
     if scheme in {"http", "https"}:
         if expected is None:
             raise DigestMismatch(f"{what} {uri}: a downloaded {what} needs {sha_flag} to pin its content")
-        fetched = _download(
-            uri, workdir=workdir, what=what, max_bytes=max_bytes, timeout_seconds=timeout_seconds
-        )
+        fetched = _download(uri, workdir=workdir, what=what, max_bytes=max_bytes, timeout_seconds=timeout_seconds)
     else:
         fetched = _local(_local_path(uri, parsed, what=what), what=what)
     if expected is not None and fetched.sha256 != expected:
@@ -116,9 +114,7 @@ def _download(uri: str, *, workdir: Path, what: str, max_bytes: int, timeout_sec
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(uri, timeout=timeout_seconds) as response:
             announced = response.headers.get("Content-Length")
             if announced is not None and announced.isdigit() and int(announced) > max_bytes:
-                raise FetchFailed(
-                    f"{what} {uri}: {announced} bytes is over the {max_bytes}-byte download cap"
-                )
+                raise FetchFailed(f"{what} {uri}: {announced} bytes is over the {max_bytes}-byte download cap")
             while chunk := response.read(_CHUNK):
                 size += len(chunk)
                 if size > max_bytes:

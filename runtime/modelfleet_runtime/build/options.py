@@ -239,9 +239,7 @@ def parse_shape(text: str) -> tuple[str, ShapeRange]:
 def add_option_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `BuildOptions`; defaults stay None so the model's defaults are the only ones."""
     group = parser.add_argument_group("build options")
-    group.add_argument(
-        "--backend", choices=BACKENDS, help="auto: TensorRT when importable and a GPU is present"
-    )
+    group.add_argument("--backend", choices=BACKENDS, help="auto: TensorRT when importable and a GPU is present")
     group.add_argument("--precision", choices=PRECISIONS)
     group.add_argument("--batch-min", type=int, help="batch profile: smallest batch (default 1)")
     group.add_argument("--batch-opt", type=int, help="batch profile: batch to tune for (default 16)")
@@ -256,9 +254,7 @@ def add_option_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--calibration", metavar="PATH", help=".npz with one array per input, [samples, ...]")
     group.add_argument("--calibration-sha256", metavar="HEX", help="expected sha256 of the calibration file")
     group.add_argument("--max-abs-error", type=float, help="gate: largest absolute error allowed")
-    group.add_argument(
-        "--max-rel-error", type=float, help="gate: largest error relative to the output's scale"
-    )
+    group.add_argument("--max-rel-error", type=float, help="gate: largest error relative to the output's scale")
     group.add_argument("--min-top1-agreement", type=float, help="gate: fraction of rows with the same argmax")
     group.add_argument("--accuracy-samples", type=int, help="gate: number of samples compared (default 64)")
     group.add_argument("--trt-optimization-level", type=int, help="TensorRT builder optimization level 0-5")
@@ -277,11 +273,7 @@ def options_from_namespace(ns: argparse.Namespace) -> BuildOptions:
         data["backend"] = ns.backend
     if ns.precision is not None:
         data["precision"] = ns.precision
-    batch = {
-        k: v
-        for k, v in (("min", ns.batch_min), ("opt", ns.batch_opt), ("max", ns.batch_max))
-        if v is not None
-    }
+    batch = {k: v for k, v in (("min", ns.batch_min), ("opt", ns.batch_opt), ("max", ns.batch_max)) if v is not None}
     if batch:
         data["batch"] = batch
     if ns.shape:
@@ -336,7 +328,5 @@ def parse_options(argv: Sequence[str]) -> BuildOptions:
 def _first_error(exc: ValueError) -> str:
     if isinstance(exc, ValidationError):
         errors = exc.errors()
-        return "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'options'}: {err['msg']}" for err in errors
-        )
+        return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'options'}: {err['msg']}" for err in errors)
     return str(exc)

@@ -112,9 +112,7 @@ def optimize_offline(source: Path, target: Path, *, architecture: str) -> None:
         raise BuildFailed(f"onnxruntime did not write the optimized model to {target}")
 
 
-def quantize(
-    *, model_path: Path, options: BuildOptions, workdir: Path, calibration: Feeds | None
-) -> tuple[Path, str]:
+def quantize(*, model_path: Path, options: BuildOptions, workdir: Path, calibration: Feeds | None) -> tuple[Path, str]:
     """INT8 through onnxruntime.quantization; returns the quantized model and the method used."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 

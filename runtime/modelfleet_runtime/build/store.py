@@ -71,9 +71,7 @@ def read_entry(store: Path, key: str) -> Entry:
     except OSError as exc:
         return Entry(None, f"artifact {artifact} is unreadable: {exc}")
     if digest != manifest["artifact_sha256"]:
-        return Entry(
-            None, f"artifact {artifact} has sha256 {digest}, the manifest says {manifest['artifact_sha256']}"
-        )
+        return Entry(None, f"artifact {artifact} has sha256 {digest}, the manifest says {manifest['artifact_sha256']}")
     return Entry(manifest, None)
 
 

@@ -172,9 +172,7 @@ def build_tensorrt(
     )
 
 
-def _set_precision(
-    trt: Any, *, config: Any, options: BuildOptions, spec: ModelSpec
-) -> tuple[list[str], str | None]:
+def _set_precision(trt: Any, *, config: Any, options: BuildOptions, spec: ModelSpec) -> tuple[list[str], str | None]:
     flags: list[str] = []
     quantization = None
     if options.precision in {"fp16", "int8", "fp8"}:
@@ -248,9 +246,7 @@ def _save_timing_cache(config: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _calibration_batches(
-    calibration: Feeds, *, options: BuildOptions, opt_shapes: dict[str, Shape]
-) -> list[Feeds]:
+def _calibration_batches(calibration: Feeds, *, options: BuildOptions, opt_shapes: dict[str, Shape]) -> list[Feeds]:
     """Calibration runs at the profile's opt shapes, so the data must have them (batches of opt rows)."""
     for name, array in calibration.items():
         if tuple(array.shape[1:]) != opt_shapes[name][1:]:

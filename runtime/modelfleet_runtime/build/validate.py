@@ -90,15 +90,11 @@ def validate_model(path: Path, *, options: BuildOptions) -> ModelSpec:
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise InvalidModel(f"model {path.name} fails onnx.checker: {_one_line(exc)}") from exc
     except Exception as exc:  # the checker raises bare RuntimeErrors for some malformed graphs
-        raise InvalidModel(
-            f"model {path.name} fails onnx.checker: {type(exc).__name__}: {_one_line(exc)}"
-        ) from exc
+        raise InvalidModel(f"model {path.name} fails onnx.checker: {type(exc).__name__}: {_one_line(exc)}") from exc
     opset = default_opset(model)
     top = onnx.defs.onnx_opset_version()
     if not MIN_OPSET <= opset <= top:
-        raise InvalidModel(
-            f"model {path.name}: opset {opset} is outside the supported range {MIN_OPSET}..{top}"
-        )
+        raise InvalidModel(f"model {path.name}: opset {opset} is outside the supported range {MIN_OPSET}..{top}")
     spec = build_model_spec(model, opset=opset)
     check_batch_axes(spec, options=options)
     check_shapes(spec, options=options)
@@ -179,17 +175,13 @@ def _tensor_spec(value: onnx.ValueInfoProto, *, kind: str, id_range: int | None 
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name
     except (KeyError, ValueError) as exc:
         name = onnx.TensorProto.DataType.Name(tensor.elem_type)
-        raise InvalidModel(
-            f"{kind} {value.name!r} has element type {name}, which the build cannot feed"
-        ) from exc
+        raise InvalidModel(f"{kind} {value.name!r} has element type {name}, which the build cannot feed") from exc
     if not tensor.HasField("shape"):
         return TensorSpec(name=value.name, dtype=dtype, shape=None, id_range=id_range)
     dims: list[Dim] = []
     for dim in tensor.shape.dim:
         which = dim.WhichOneof("value")
-        dims.append(
-            dim.dim_value if which == "dim_value" else dim.dim_param if which == "dim_param" else None
-        )
+        dims.append(dim.dim_value if which == "dim_value" else dim.dim_param if which == "dim_param" else None)
     return TensorSpec(name=value.name, dtype=dtype, shape=tuple(dims), id_range=id_range)
 
 
@@ -198,9 +190,7 @@ def check_batch_axes(spec: ModelSpec, *, options: BuildOptions) -> None:
     batch = options.batch
     for tensor in spec.inputs:
         if tensor.shape is None:
-            raise InvalidModel(
-                f"input {tensor.name!r} has no shape in the model; a batch axis (axis 0) is needed"
-            )
+            raise InvalidModel(f"input {tensor.name!r} has no shape in the model; a batch axis (axis 0) is needed")
         if not tensor.shape:
             raise InvalidModel(f"input {tensor.name!r} is a scalar; every input needs a batch axis (axis 0)")
         first = tensor.shape[0]
@@ -217,9 +207,7 @@ def check_shapes(spec: ModelSpec, *, options: BuildOptions) -> None:
     names = [t.name for t in spec.inputs]
     for name, shape in options.shapes.items():
         if name not in names:
-            raise InvalidOptions(
-                f"--shape names {name!r}, which is not a model input (inputs: {', '.join(names)})"
-            )
+            raise InvalidOptions(f"--shape names {name!r}, which is not a model input (inputs: {', '.join(names)})")
         dims = spec.input(name).shape or ()
         rest = dims[1:]
         if len(shape.min) != len(rest):
@@ -239,9 +227,7 @@ def dynamic_axes(tensor: TensorSpec) -> list[int]:
     return [axis for axis, dim in enumerate(dims) if axis > 0 and not (isinstance(dim, int) and dim > 0)]
 
 
-def concrete_shape(
-    tensor: TensorSpec, *, batch: int, options: BuildOptions, point: str = "opt"
-) -> tuple[int, ...]:
+def concrete_shape(tensor: TensorSpec, *, batch: int, options: BuildOptions, point: str = "opt") -> tuple[int, ...]:
     """A concrete shape for `tensor` at `batch`: fixed dims kept, dynamic ones from --shape (`point` of
     min/opt/max) or DEFAULT_DYNAMIC_DIM."""
     dims = tensor.shape or ()
