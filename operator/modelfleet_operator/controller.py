@@ -119,7 +119,10 @@ class Controller:
         while True:
             await asyncio.sleep(self.settings.autoscale_interval_seconds)
             keys = list(self.models.keys() if self.models is not None else ())
-            await asyncio.gather(*(self._autoscale_one(k) for k in keys), return_exceptions=False)
+            results = await asyncio.gather(*(self._autoscale_one(k) for k in keys), return_exceptions=True)
+            for key, result in zip(keys, results, strict=True):
+                if isinstance(result, Exception):  # one model's trouble must not stop the loop for the others
+                    log.error("autoscaling %s/%s failed: %r", *key, result)
 
     async def _autoscale_one(self, key: Key) -> None:
         body = _first(self.models, key)

@@ -40,7 +40,6 @@ def register(registry: kopf.OperatorRegistry, controller: Controller) -> None:
 
     @kopf.on.startup(registry=registry)
     async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
-        settings.persistence.finalizer = "modelfleet.io/unused"  # no handler needs one; see README
         settings.posting.level = logging.WARNING
         settings.scanning.disabled = True  # no CRD/namespace scanning, so no RBAC for it
         settings.watching.server_timeout = 300
