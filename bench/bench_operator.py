@@ -42,6 +42,7 @@ from typing import Any
 import yaml
 
 from bench.operator_proxy import Request, summarize, timeline, unchanged_writes
+from hack.volumes import bound_pvc_objects
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -165,37 +166,7 @@ def build_namespace_objects(
 ) -> list[dict[str, Any]]:
     """The namespace, and PVCs bound to pre-made PVs (no provisioner runs here), as tests/e2e does it."""
     objects: list[dict[str, Any]] = [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}]
-    for claim in claims:
-        pv = f"{namespace}-{claim}"[:63]
-        objects.append(
-            {
-                "apiVersion": "v1",
-                "kind": "PersistentVolume",
-                "metadata": {"name": pv, "labels": {"bench": "operator"}},
-                "spec": {
-                    "capacity": {"storage": "10Gi"},
-                    "accessModes": ["ReadWriteMany"],
-                    "storageClassName": "manual",
-                    "persistentVolumeReclaimPolicy": "Delete",
-                    "hostPath": {"path": f"/tmp/modelfleet-bench/{pv}"},
-                    "claimRef": {"namespace": namespace, "name": claim},
-                },
-            }
-        )
-        objects.append(
-            {
-                "apiVersion": "v1",
-                "kind": "PersistentVolumeClaim",
-                "metadata": {"name": claim, "namespace": namespace},
-                "spec": {
-                    "accessModes": ["ReadWriteMany"],
-                    "storageClassName": "manual",
-                    "volumeName": pv,
-                    "resources": {"requests": {"storage": "10Gi"}},
-                },
-            }
-        )
-    return objects
+    return objects + [obj for claim in claims for obj in bound_pvc_objects(namespace, claim)]
 
 
 def build_proxy_kubeconfig(port: int) -> dict[str, Any]:

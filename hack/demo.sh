@@ -27,6 +27,11 @@ show kubectl get nodes -L nvidia.com/gpu.product,nvidia.com/gpu.compute.major,nv
 
 step "3. The platform team installs modelfleet with Helm (CRD, least-privilege RBAC, operator Deployment)"
 show helm upgrade --install modelfleet helm/modelfleet --namespace modelfleet-system --create-namespace --wait
+kubectl wait --for=condition=Established --timeout=60s crd/inferencemodels.modelfleet.io >/dev/null
+for _ in $(seq 1 120); do  # a new CRD reaches the OpenAPI a moment after it is Established
+  kubectl explain inferencemodel.spec >/dev/null 2>&1 && break
+  sleep 0.5
+done
 show kubectl explain inferencemodel.spec.engine.batch
 
 step "4. The operator runs here as a process, authenticated as the chart's ServiceAccount (KWOK pods run nothing)"
@@ -39,19 +44,7 @@ echo "operator pid $op_pid, log $work/operator.log"
 
 step "5. An ML team's namespace: an engine store and a models volume"
 kubectl create namespace "$ns" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
-for claim in modelfleet-engines models; do
-  kubectl apply -f - >/dev/null <<PV
-apiVersion: v1
-kind: PersistentVolume
-metadata: {name: $ns-$claim}
-spec: {capacity: {storage: 100Gi}, accessModes: [ReadWriteMany], storageClassName: manual, hostPath: {path: /tmp/modelfleet-demo/$claim}, claimRef: {namespace: $ns, name: $claim}}
----
-apiVersion: v1
-kind: PersistentVolumeClaim
-metadata: {name: $claim, namespace: $ns}
-spec: {accessModes: [ReadWriteMany], storageClassName: manual, volumeName: $ns-$claim, resources: {requests: {storage: 100Gi}}}
-PV
-done
+"$py" hack/volumes.py "$ns" modelfleet-engines models | kubectl apply -f - >/dev/null
 show kubectl -n "$ns" get pvc
 
 step "6. kubectl apply an InferenceModel: one build Job per GPU architecture, pinned to it"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from hack import sa_kubeconfig
+from hack import sa_kubeconfig, volumes
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER_SH = ROOT / "hack" / "cluster.sh"
@@ -114,34 +114,7 @@ def inferencemodel_crd(cluster: Cluster) -> Path:
 
 def bound_pvc(cluster: Cluster, namespace: str, claim: str, size: str = "10Gi") -> None:
     """A PersistentVolumeClaim bound to a pre-made PersistentVolume (no provisioner runs here)."""
-    pv = f"{namespace}-{claim}"[:63]
-    objects = [
-        {
-            "apiVersion": "v1",
-            "kind": "PersistentVolume",
-            "metadata": {"name": pv, "labels": {"e2e": "true"}},
-            "spec": {
-                "capacity": {"storage": size},
-                "accessModes": ["ReadWriteMany"],
-                "storageClassName": "manual",
-                "persistentVolumeReclaimPolicy": "Delete",
-                "hostPath": {"path": f"/tmp/modelfleet-e2e/{pv}"},
-                "claimRef": {"namespace": namespace, "name": claim},
-            },
-        },
-        {
-            "apiVersion": "v1",
-            "kind": "PersistentVolumeClaim",
-            "metadata": {"name": claim, "namespace": namespace},
-            "spec": {
-                "accessModes": ["ReadWriteMany"],
-                "storageClassName": "manual",
-                "volumeName": pv,
-                "resources": {"requests": {"storage": size}},
-            },
-        },
-    ]
-    for obj in objects:
+    for obj in volumes.bound_pvc_objects(namespace, claim, size):
         cluster.kubectl("apply", "-f", "-", input=json.dumps(obj))
     cluster.kubectl("-n", namespace, "wait", "--for=jsonpath={.status.phase}=Bound", "--timeout=60s", f"pvc/{claim}")
 
