@@ -8,11 +8,11 @@ from typing import Any
 
 import kopf
 
+from modelfleet_operator.api import GROUP, PLURAL, VERSION
 from modelfleet_operator.controller import Controller
 from modelfleet_operator.placement import NodeInfo
 from modelfleet_operator.resources import LABEL_COMPONENT, LABEL_MODEL, SERVING
 
-GROUP, VERSION, PLURAL = "modelfleet.io", "v1alpha1", "inferencemodels"
 OWNED = {LABEL_MODEL: kopf.PRESENT}
 
 

@@ -12,8 +12,9 @@ from typing import Any
 from kubernetes import client, config, dynamic
 from kubernetes.client.exceptions import ApiException
 
+from modelfleet_operator.api import API_VERSION, KIND
+
 FIELD_MANAGER = "modelfleet"
-GROUP, VERSION, PLURAL, KIND = "modelfleet.io", "v1alpha1", "inferencemodels", "InferenceModel"
 log = logging.getLogger(__name__)
 
 
@@ -117,7 +118,7 @@ class Kube:
         Returns the object's new resourceVersion.
         """
         self.requests["patch InferenceModel/status"] += 1
-        resource = self._resource(f"{GROUP}/{VERSION}", KIND)
+        resource = self._resource(API_VERSION, KIND)
         # Lists are replaced whole by a merge patch; fields we no longer report are set to null.
         try:
             updated = self._dynamic.patch(

@@ -91,13 +91,24 @@ def node_architecture(labels: Mapping[str, str]) -> str | None:
     return None
 
 
+# The exact `nvidia.com/gpu.product` values GFD writes for the common boards, for node affinity (which
+# cannot match substrings); products not listed here are selected as "NVIDIA-<name>".
+PRODUCT_LABEL_VALUES: dict[str, tuple[str, ...]] = {
+    "T4": ("Tesla-T4",),
+    "A100": ("NVIDIA-A100-SXM4-40GB", "NVIDIA-A100-SXM4-80GB", "NVIDIA-A100-PCIE-40GB", "NVIDIA-A100-80GB-PCIe"),
+    "L4": ("NVIDIA-L4",),
+    "H100": ("NVIDIA-H100-80GB-HBM3", "NVIDIA-H100-PCIe", "NVIDIA-H100-NVL"),
+}
+
+
 def architecture_selector(arch: str) -> tuple[dict[str, str], list[str]]:
-    """Compute-capability labels selecting `arch`, and the product names that also mean it."""
+    """Compute-capability labels selecting `arch`, and the product label values that also mean it."""
     m = _ARCH.match(arch)
     if not m:
         return {}, []
     products = [name for name, a in PRODUCT_ARCHITECTURES if a == arch]
-    return {MAJOR_LABEL: m.group(1), MINOR_LABEL: m.group(2)}, products
+    values = [v for name in products for v in PRODUCT_LABEL_VALUES.get(name, (f"NVIDIA-{name}",))]
+    return {MAJOR_LABEL: m.group(1), MINOR_LABEL: m.group(2)}, values
 
 
 def tolerations_for(placement: Placement, *, gpus: int) -> list[dict[str, Any]]:

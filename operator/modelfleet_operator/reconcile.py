@@ -22,7 +22,6 @@ from modelfleet_operator.resources import (
     ANNOTATION_BUILD_ID,
     ANNOTATION_ENGINE_KEY,
     LABEL_ARCH,
-    LABEL_MODEL,
     build_deployment,
     build_identity,
     build_job,
@@ -30,6 +29,7 @@ from modelfleet_operator.resources import (
     deployment_name,
     job_name,
     resolved_backend,
+    serving_selector,
 )
 from modelfleet_operator.settings import OperatorSettings
 
@@ -119,9 +119,7 @@ def jobs_awaiting_results(im: InferenceModel, jobs: Sequence[Mapping[str, Any]])
     return out
 
 
-def _engine(
-    im: InferenceModel, arch: str, build_id: str, exact: bool, observed: Observed, settings: OperatorSettings
-) -> tuple[EngineStatus, bool]:
+def _engine(im: InferenceModel, arch: str, build_id: str, exact: bool, observed: Observed) -> tuple[EngineStatus, bool]:
     """This architecture's engine for the current build id, and whether its Job must be applied."""
     name = job_name(im.metadata["name"], arch, build_id)
     previous = _previous_engines(im).get(arch)
@@ -248,7 +246,7 @@ def plan(im: InferenceModel, observed: Observed, *, settings: OperatorSettings, 
     current_jobs: set[str] = set()
     for arch in targets:
         build_id, exact = build_identity(im, arch, settings)
-        engine, needs_job = _engine(im, arch, build_id, exact, observed, settings)
+        engine, needs_job = _engine(im, arch, build_id, exact, observed)
         engines[arch] = engine
         current_jobs.add(job_name(name, arch, build_id))
         if needs_job:
@@ -271,7 +269,7 @@ def plan(im: InferenceModel, observed: Observed, *, settings: OperatorSettings, 
     for arch, key in sorted(serving.items()):
         if arch not in kept:
             out.apply.append(build_deployment(im, arch=arch, engine_key_=key, replicas=shares[arch], settings=settings))
-    out.apply.append(build_service(im, settings=settings))
+    out.apply.append(build_service(im))
 
     for dep in observed.deployments:
         arch = str((dep["metadata"].get("labels") or {}).get(LABEL_ARCH, ""))
@@ -420,7 +418,7 @@ def _status(
         "architectures": arch_status,
         "replicas": sum(int((d.get("status") or {}).get("replicas", 0)) for d in present.values()),
         "readyReplicas": sum(int((d.get("status") or {}).get("readyReplicas", 0)) for d in present.values()),
-        "selector": f"{LABEL_MODEL}={name},modelfleet.io/component=serving",
+        "selector": ",".join(f"{k}={v}" for k, v in serving_selector(name).items()),
     }
     if im.spec.autoscaling is not None:
         if observed.autoscaler_status is not None:

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlparse
 
-from modelfleet_operator.api import InferenceModel, InferenceModelSpec, Placement
+from modelfleet_operator.api import GROUP, InferenceModel, InferenceModelSpec, Placement
 from modelfleet_operator.placement import CPU, GPU_RESOURCE, architecture_selector, tolerations_for
 from modelfleet_operator.settings import OperatorSettings
 from modelfleet_runtime.build import EXIT_CODES
@@ -22,7 +22,6 @@ from modelfleet_runtime.build.options import (
     TensorRTOptions,
 )
 
-GROUP = "modelfleet.io"
 LABEL_MODEL = f"{GROUP}/model"
 LABEL_ARCH = f"{GROUP}/architecture"
 LABEL_COMPONENT = f"{GROUP}/component"
@@ -192,7 +191,7 @@ def _node_affinity(arch: str, placement: Placement, *, gpus: int) -> dict[str, A
             arch_terms.append(
                 [
                     {"key": "nvidia.com/gpu.compute.major", "operator": "DoesNotExist"},
-                    {"key": "nvidia.com/gpu.product", "operator": "In", "values": _product_values(products)},
+                    {"key": "nvidia.com/gpu.product", "operator": "In", "values": products},
                 ]
             )
     else:
@@ -215,24 +214,7 @@ def _node_affinity(arch: str, placement: Placement, *, gpus: int) -> dict[str, A
     return affinity
 
 
-def _product_values(products: list[str]) -> list[str]:
-    # GFD product labels are the marketing names with dashes; list the common spellings we map.
-    known = {
-        "T4": ["Tesla-T4"],
-        "A100": [
-            "NVIDIA-A100-SXM4-40GB",
-            "NVIDIA-A100-SXM4-80GB",
-            "NVIDIA-A100-PCIE-40GB",
-            "NVIDIA-A100-80GB-PCIe",
-        ],
-        "L4": ["NVIDIA-L4"],
-        "H100": ["NVIDIA-H100-80GB-HBM3", "NVIDIA-H100-PCIe", "NVIDIA-H100-NVL"],
-    }
-    values = [v for p in products for v in known.get(p, [])]
-    return values or [f"NVIDIA-{p}" for p in products]
-
-
-def _pod_security(model: str) -> dict[str, Any]:
+def _pod_security() -> dict[str, Any]:
     return {
         "runAsNonRoot": True,
         "runAsUser": NON_ROOT_UID,
@@ -301,7 +283,7 @@ def build_job(im: InferenceModel, *, arch: str, build_id: str, settings: Operato
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "automountServiceAccountToken": False,
-        "securityContext": _pod_security(name),
+        "securityContext": _pod_security(),
         "tolerations": tolerations_for(spec.serving.placement, gpus=gpus),
         "affinity": _node_affinity(arch, spec.serving.placement, gpus=gpus),
         "nodeSelector": dict(spec.serving.placement.node_selector),
@@ -450,7 +432,7 @@ def build_deployment(
                 "spec": {
                     "automountServiceAccountToken": False,
                     "enableServiceLinks": False,
-                    "securityContext": _pod_security(name),
+                    "securityContext": _pod_security(),
                     "terminationGracePeriodSeconds": settings.termination_grace_seconds + settings.drain_seconds,
                     "tolerations": tolerations_for(spec.serving.placement, gpus=gpus),
                     "affinity": _node_affinity(arch, spec.serving.placement, gpus=gpus),
@@ -463,7 +445,7 @@ def build_deployment(
     }
 
 
-def build_service(im: InferenceModel, *, settings: OperatorSettings) -> dict[str, Any]:
+def build_service(im: InferenceModel) -> dict[str, Any]:
     """One Service over the serving pods of every architecture."""
     name = im.metadata["name"]
     return {

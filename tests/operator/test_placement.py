@@ -121,3 +121,12 @@ def test_architecture_selectors_use_a_one_digit_minor() -> None:
     }
     for arch in ("sm75", "sm80", "sm89", "sm90", "sm100", "sm120"):
         assert node_architecture(architecture_selector(arch)[0]) == arch
+
+
+def test_the_product_fallback_selects_the_label_values_gfd_writes() -> None:
+    _, t4 = architecture_selector("sm75")
+    assert "Tesla-T4" in t4
+    _, h100 = architecture_selector("sm90")
+    assert "NVIDIA-H100-80GB-HBM3" in h100
+    for value in [*t4, *h100]:  # every value we select on maps back to its architecture
+        assert node_architecture({"nvidia.com/gpu.product": value}) in {"sm75", "sm90"}
