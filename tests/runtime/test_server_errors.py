@@ -158,6 +158,9 @@ def test_broken_http_does_not_hurt_the_server(classifier_server: ServerProcess) 
             sock.shutdown(socket.SHUT_WR)
             while sock.recv(4096):
                 pass
+    # and it still serves: the process lives and answers health checks.
+    assert classifier_server.proc.poll() is None
+    assert requests.get(f"{classifier_server.url}/v2/health/ready", timeout=30).status_code == 200
 
 
 def test_expect_100_continue_is_answered_before_the_body(classifier_server: ServerProcess) -> None:
