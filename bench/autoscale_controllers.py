@@ -5,6 +5,9 @@
 - `Hpa` is an independent transcription of the Kubernetes HPA (v1.33 `replica_calculator.go`
   `calcPlainMetricReplicas` and `horizontal.go` `normalizeDesiredReplicasWithBehaviors`) for one Pods
   metric with an AverageValue target (QPS per pod), default behavior, 15 s sync, 10 % tolerance.
+- `Oracle` is not a controller anyone can run: it reads the trace ahead and orders pods one start-up time
+  before the load needs them, sized for the utilization at which p99 is 90 % of the SLO. It marks what
+  perfect foresight would cost.
 - `Kpa` transcribes Knative Serving's `pkg/autoscaler/scaling/autoscaler.go` `Scale`: stable window 60 s,
   panic window 6 s (10 %), panic threshold 200 %, target utilization 70 %, max scale-up rate 1000, max
   scale-down rate 2, scale-down delay 0, a 2 s tick, RPS as the metric (so targets share HPA's units).
@@ -77,6 +80,7 @@ class Ours:
         )
         decision = decide(self.config, observation, self.state)
         self.state = decision.state
+        self.last_decision = decision
         return decision.desired_replicas
 
 
@@ -215,3 +219,20 @@ class Kpa:
             self.max_panic_pods = max(self.max_panic_pods, desired)
             desired = self.max_panic_pods
         return min(max(desired, MIN_REPLICAS), MAX_REPLICAS)
+
+
+@dataclass
+class Oracle:
+    """Clairvoyant: every second, enough pods for the peak load of the next start-up time, at the knee."""
+
+    target: float  # the per-pod load it sizes for (req/s)
+    name: str = "oracle"
+    interval: int = 1
+
+    def initial_replicas(self, rate: float) -> int:
+        return ceil_div(rate, self.target)
+
+    def decide(self, view: View) -> int:
+        # Pods ordered now serve from t + start-up; until then the ones already there must cover the load.
+        horizon = view.sim.arrivals[view.t : view.t + int(view.sim.startup_s) + 1]
+        return min(max(ceil_div(float(horizon.max()), self.target), MIN_REPLICAS), MAX_REPLICAS)

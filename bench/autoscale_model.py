@@ -3,21 +3,22 @@
 A replica is a dynamic-batching server with a saturation throughput `capacity_qps`. Per second of
 simulated time the fleet is a fluid queue (arrivals beyond what the ready replicas serve wait in a backlog,
 and beyond `queue_limit` per replica they are rejected with 503, as the runtime's `maxQueueSize` does);
-on top of that backlog each request sees
+on top of that backlog each request's latency is log-normal, with the median and p99 that the runtime
+benchmark measured at that utilization:
 
-    latency = batch latency s(rho) + backlog wait + a stochastic queueing wait W,
+    latency = backlog wait + LogNormal(median p50(rho), p99 p99(rho)),
 
-where s(rho) grows linearly from `latency_floor_s` (batch of 1) to `latency_full_s` (full batch) with the
-utilization rho, and W is the M/G/1 (Kingman) approximation for a server of rate `capacity_qps`:
-P(W > x) = rho * exp(-x / theta), theta = k / (capacity * (1 - rho)). The numbers come from
-`bench/results/runtime.json` when the runtime benchmark has written it, else from the defaults below.
+where p50(rho) and p99(rho) interpolate the measured points linearly in log space (held below the first
+point, extrapolated along the last segment above the last one). The points come from
+`bench/results/runtime.json` (MiniLM's p50/p99 at 50 % and 80 % of its measured saturation throughput)
+when the runtime benchmark has written it, else from the defaults below.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,119 +31,131 @@ DURATION_BUCKETS: tuple[float, ...] = (
     math.inf,
 )
 
+Z99 = 2.3263478740408408  # the standard normal's 99th percentile
+
 
 @dataclass(frozen=True)
 class ServiceModel:
-    """One replica's throughput and latency under load."""
+    """One replica's throughput, and its latency (p50, p99 in seconds) at measured utilizations."""
 
     capacity_qps: float
-    latency_floor_s: float
-    latency_full_s: float
+    points: tuple[tuple[float, float, float], ...]  # (utilization, p50 s, p99 s), ascending utilization
     queue_limit: int
-    variability: float
+    slo_ms: float  # the p99 SLO that goes with this model (the runtime benchmark's budget when calibrated)
     source: str
 
     def describe(self) -> str:
+        pts = ", ".join(f"{r:.0%}: p50 {a * 1000:.1f} / p99 {b * 1000:.1f} ms" for r, a, b in self.points)
         return (
-            f"capacity {self.capacity_qps:.0f} req/s per replica, batch latency "
-            f"{self.latency_floor_s * 1000:.1f}-{self.latency_full_s * 1000:.1f} ms, queue limit "
-            f"{self.queue_limit}, k={self.variability:g} ({self.source})"
+            f"capacity {self.capacity_qps:.0f} req/s per replica; {pts}; queue limit {self.queue_limit} ({self.source})"
         )
 
+    def quantiles(self, rho: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """ln p50 and ln p99 at utilizations `rho` (piecewise linear in log space)."""
+        r = np.array([p[0] for p in self.points])
+        lo50, lo99 = np.log([p[1] for p in self.points]), np.log([p[2] for p in self.points])
+        x = np.clip(rho, r[0], 1.0)
+        ln50, ln99 = np.interp(x, r, lo50), np.interp(x, r, lo99)
+        if r.size >= 2:
+            # Past the last measured point, continue along the last segment (np.interp would hold it flat).
+            beyond = np.maximum(x - r[-1], 0.0)
+            ln50 = ln50 + beyond * (lo50[-1] - lo50[-2]) / (r[-1] - r[-2])
+            ln99 = ln99 + beyond * (lo99[-1] - lo99[-2]) / (r[-1] - r[-2])
+        return ln50, np.maximum(ln99, ln50)
 
-# Defaults: all-MiniLM-L6-v2-class encoder on one data-centre GPU with maxBatchSize 32,
-# maxQueueDelayMicroseconds 2000: compute(b) ≈ 3 ms + 0.4 ms·b, so a full batch takes ~16 ms and one
-# replica saturates near 32 / 16 ms ≈ 2000 req/s; light-load latency ≈ 2 ms delay + 3.4 ms compute.
+    def utilization_at_p99(self, p99_s: float) -> float:
+        """The steady utilization at which p99 reaches `p99_s` (the knee for that SLO)."""
+        grid = np.linspace(0.0, 1.0, 1001)
+        _, ln99 = self.quantiles(grid)
+        below = grid[ln99 <= math.log(p99_s)]
+        return float(below[-1]) if below.size else 0.0
+
+
+# Defaults: an all-MiniLM-L6-v2-class encoder on one data-centre GPU (maxBatchSize 32,
+# maxQueueDelayMicroseconds 2000, compute ≈ 3 ms + 0.4 ms·batch, so ~2000 req/s at saturation); the
+# percentiles are those of an M/G/1 queue in front of that batch latency.
 DEFAULT_MODEL = ServiceModel(
     capacity_qps=2000.0,
-    latency_floor_s=0.0054,
-    latency_full_s=0.018,
+    points=(
+        (0.1, 0.00666, 0.00794),
+        (0.5, 0.0117, 0.01561),
+        (0.8, 0.01666, 0.02644),
+        (0.9, 0.01968, 0.03924),
+        (0.95, 0.02379, 0.06291),
+    ),
     queue_limit=1024,
-    variability=1.0,
+    slo_ms=50.0,
     source="defaults (MiniLM-class encoder on one GPU, batch 32)",
 )
 
 
-def _find(obj: Any, *keys: str) -> Any:
-    for key in keys:
-        if isinstance(obj, dict) and key in obj:
-            return obj[key]
-    return None
+def load_service_model(path: Path, *, model_name: str = "minilm") -> ServiceModel:
+    """Calibrate from the runtime benchmark's JSON (`make bench-runtime`), else the defaults.
 
-
-def load_service_model(path: Path) -> ServiceModel:
-    """Calibrate from the runtime benchmark's JSON if it exists and has what we need; else defaults.
-
-    Reads, for the MiniLM entry if there is one (else the first model): the server's saturation
-    throughput, and p50/p99 at 50 % load; the floor is p50 at 50 % load and the full-batch latency is
-    chosen so that the model's p99 at 80 % load matches the measured one when that is present.
+    Uses the named model's saturation throughput, its p50/p99 at each open-loop load point (`load_50`,
+    `load_80`: utilization = offered rate / saturation throughput) and its p99 budget as the SLO.
     """
-    if not path.exists():
-        return DEFAULT_MODEL
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
+        entry: Any = json.loads(path.read_text())["models"][model_name]
+        capacity = float(entry["saturation_qps"])
+        points = tuple(
+            sorted(
+                (
+                    float(v["target_rate"]) / capacity,
+                    float(v["p50_ms"]) / 1000.0,
+                    float(v["p99_ms"]) / 1000.0,
+                )
+                for k, v in entry.items()
+                if k.startswith("load_") and isinstance(v, dict)
+            )
+        )
+        slo_ms = float(entry["p99_budget_ms"])
+    except (OSError, ValueError, KeyError, TypeError):
         return DEFAULT_MODEL
-    models = _find(data, "models", "results") or data
-    entry: Any = None
-    if isinstance(models, dict):
-        entry = next((v for k, v in models.items() if "minilm" in k.lower()), None) or next(iter(models.values()), None)
-    elif isinstance(models, list) and models:
-        entry = next((m for m in models if "minilm" in str(_find(m, "model", "name")).lower()), models[0])
-    if not isinstance(entry, dict):
+    if capacity <= 0 or len(points) < 2:
         return DEFAULT_MODEL
-    capacity = _find(entry, "saturation_qps", "server_saturation_qps", "saturation_throughput", "server_qps")
-    load50 = _find(entry, "load_50", "at_50", "p50_load") or {}
-    load80 = _find(entry, "load_80", "at_80", "p80_load") or {}
-    p50_ms = _find(load50, "p50_ms")
-    p99_80_ms = _find(load80, "p99_ms")
-    if not isinstance(capacity, int | float) or not isinstance(p50_ms, int | float) or capacity <= 0:
-        return DEFAULT_MODEL
-    floor = float(p50_ms) / 1000.0
-    model = replace(
-        DEFAULT_MODEL,
-        capacity_qps=float(capacity),
-        latency_floor_s=floor,
-        latency_full_s=2.5 * floor,
-        source=f"calibrated from {path}",
+    return ServiceModel(
+        capacity_qps=capacity,
+        points=points,
+        queue_limit=DEFAULT_MODEL.queue_limit,
+        slo_ms=slo_ms,
+        source=f"calibrated from {path} ({model_name}, measured {entry.get('measured_at', 'n/a')})",
     )
-    if isinstance(p99_80_ms, int | float) and p99_80_ms > 0:
-        # Solve p99(0.8) = s(0.8) + θ·ln(100·0.8) for latency_full_s, keeping k.
-        theta = model.variability / (model.capacity_qps * 0.2)
-        s80 = float(p99_80_ms) / 1000.0 - theta * math.log(80.0)
-        full = floor + (s80 - floor) / 0.8
-        if full > floor:
-            model = replace(model, latency_full_s=full)
-    return model
 
 
 @dataclass(frozen=True)
 class SecondState:
     """Vectors over seconds describing each second's latency distribution (see the module docstring)."""
 
-    delay: np.ndarray  # deterministic part: batch latency + backlog wait (s)
-    rho: np.ndarray  # probability of a stochastic wait
-    theta: np.ndarray  # mean of the stochastic wait when there is one (s)
+    delay: np.ndarray  # backlog wait (s)
+    ln_median: np.ndarray
+    sigma: np.ndarray
 
 
 def latency_params(model: ServiceModel, *, arrivals: np.ndarray, ready: np.ndarray, backlog: np.ndarray) -> SecondState:
     """Per-second latency parameters from arrivals, ready replicas and the mean backlog in that second."""
     capacity = np.maximum(ready, 1e-9) * model.capacity_qps
-    rho = np.clip(arrivals / capacity, 0.0, None)
-    rho_q = np.minimum(rho, 0.98)
-    service = model.latency_floor_s + (model.latency_full_s - model.latency_floor_s) * np.minimum(rho, 1.0)
-    delay = service + backlog / capacity
-    theta = model.variability / (model.capacity_qps * (1.0 - rho_q))
-    return SecondState(delay=delay, rho=rho_q, theta=theta)
+    rho = np.clip(arrivals / capacity, 0.0, 1.0)
+    ln50, ln99 = model.quantiles(rho)
+    return SecondState(delay=backlog / capacity, ln_median=ln50, sigma=np.maximum((ln99 - ln50) / Z99, 1e-6))
+
+
+def _normal_cdf(z: np.ndarray) -> np.ndarray:
+    # Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7): NumPy has no erf, and SciPy is not worth a dependency.
+    x = np.abs(z) / math.sqrt(2.0)
+    t = 1.0 / (1.0 + 0.3275911 * x)
+    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+    erf = 1.0 - poly * np.exp(-x * x)
+    result: np.ndarray = 0.5 * (1.0 + np.sign(z) * erf)
+    return result
 
 
 def latency_cdf(params: SecondState, x: np.ndarray) -> np.ndarray:
     """P(latency ≤ x) per second (rows) and per x (columns)."""
-    d = params.delay[:, None]
-    excess = x[None, :] - d
-    with np.errstate(over="ignore", invalid="ignore"):
-        tail = params.rho[:, None] * np.exp(-np.maximum(excess, 0.0) / params.theta[:, None])
-    cdf: np.ndarray = np.where(excess >= 0.0, 1.0 - tail, 0.0)
+    excess = x[None, :] - params.delay[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = (np.log(np.maximum(excess, 1e-12)) - params.ln_median[:, None]) / params.sigma[:, None]
+    cdf: np.ndarray = np.where(excess > 0.0, _normal_cdf(z), 0.0)
     return cdf
 
 

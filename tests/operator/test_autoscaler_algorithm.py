@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import math
 from typing import Any
 
 import pytest
@@ -282,6 +284,43 @@ def test_learned_capacity_is_between_healthy_and_breach_and_forgotten() -> None:
     assert learned_capacity(memory, now=61.0, forget_after=60.0) is None
 
 
+def test_the_knee_is_interpolated_on_log_p99_between_healthy_and_breach() -> None:
+    memory = CapacityMemory(
+        breach_qps=100.0, breach_time=0.0, breach_ratio=2.0, healthy_qps=50.0, healthy_time=0.0, healthy_ratio=0.5
+    )
+    # log p99 crosses 0.9 x target at (ln 0.9 - ln 0.5) / (ln 2 - ln 0.5) = 42.4 % of the way from 50 to 100.
+    assert learned_capacity(memory, now=1.0, forget_after=60.0) == pytest.approx(71.2, abs=0.05)
+    # A healthy point already past 0.9 x target is where the fleet stays.
+    near = CapacityMemory(
+        breach_qps=100.0, breach_time=0.0, breach_ratio=2.0, healthy_qps=80.0, healthy_time=0.0, healthy_ratio=0.95
+    )
+    assert learned_capacity(near, now=1.0, forget_after=60.0) == pytest.approx(80.0)
+
+
+def steady_p99_ms(qps_per_replica: float) -> float:
+    """A replica whose p99 is 20 ms up to 50/s and doubles every further 10/s (so 100 ms at ~73/s)."""
+    return 20.0 * 2.0 ** (max(0.0, qps_per_replica - 50.0) / 10.0)
+
+
+@pytest.mark.parametrize("target_qps", [90.0, 120.0, 200.0])
+def test_steady_load_with_a_qps_target_past_the_knee_settles_without_a_flap(target_qps: float) -> None:
+    # 600/s of steady load; the QPS target alone would run the replicas far past where p99 turns.
+    cfg = config(targetQPSPerReplica=target_qps, targetP99LatencyMilliseconds=100.0)
+    load, replicas, state = 600.0, math.ceil(600.0 / target_qps), AutoscalerState()
+    moves: list[tuple[float, int]] = []
+    for tick in range(1, 241):  # an hour of 15 s syncs
+        now = 15.0 * tick
+        per = load / replicas
+        d = run(cfg, observe(now, replicas, [per] * replicas, p99_ms=steady_p99_ms(per), startup=30.0), state)
+        if d.desired_replicas != replicas:
+            moves.append((now, d.desired_replicas - replicas))
+        replicas, state = d.desired_replicas, d.state
+    reversals = [(a, b) for a, b in itertools.pairwise(moves) if (a[1] > 0) != (b[1] > 0) and b[0] - a[0] < 300]
+    assert reversals == []
+    assert steady_p99_ms(load / replicas) <= 100.0  # it found the knee...
+    assert steady_p99_ms(load / (replicas - 1)) > 90.0  # ...and does not sit far below it
+
+
 def test_scale_down_window_follows_the_pod_start_up_time() -> None:
     cfg = config()
     d = run(cfg, observe(0, 4, [200.0] * 4, startup=60.0))
@@ -371,7 +410,10 @@ def test_state_round_trips_through_a_dict() -> None:
         last_load_qps=120.0,
         down_window=120.0,
         down_window_time=16.0,
-        capacity=CapacityMemory(breach_qps=100.0, breach_time=3.0, healthy_qps=80.0, healthy_time=2.0),
+        latency_scale_up_time=16.0,
+        capacity=CapacityMemory(
+            breach_qps=100.0, breach_time=3.0, healthy_qps=80.0, healthy_time=2.0, breach_ratio=1.5, healthy_ratio=0.6
+        ),
     )
     assert AutoscalerState.from_dict(state.to_dict()) == state
 

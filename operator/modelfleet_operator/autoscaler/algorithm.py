@@ -22,9 +22,13 @@ controller runs this module with all of them switched off) and each explained wh
   last scale-up settles (its pods starting, or the overload's backlog still in the window); below target
   the signal abstains when a QPS signal exists;
 - the knee (`CapacityMemory`): a breach at a steady load at or below `targetQPSPerReplica` means the QPS
-  target is past the point where p99 turns, so the QPS signal sizes for 90 % of that load instead (for
-  `capacityMemorySeconds`, 2 h by default). A configuration with only a p99 target gets a proportional
-  QPS signal this way after its first breach;
+  target is past the point where p99 turns, so the QPS signal sizes for the knee instead: interpolated on
+  log p99 between the highest healthy load and the lowest breach, or 90 % of the breach before a healthy
+  load is known (for `capacityMemorySeconds`, 2 h by default). A configuration with only a p99 target gets
+  a proportional QPS signal this way after its first breach;
+- a scale-up made for latency alone (the QPS signal was content) is a probe of the knee, and is not undone
+  for `FLAP_SECONDS`: on steady traffic with a QPS target past the knee, the HPA arithmetic would
+  otherwise step up on the breach and straight back down to the knee (a flap, in the benchmark's terms);
 - a confirmed overload (QPS over target *and* p99 over target) skips the scale-up rate policies: those
   guard against metric glitches, and every 15 s of doubling is 15 s more of failed requests;
 - the scale-down window, when not set explicitly, is one pod start-up time (60..300 s; 300 s when the
@@ -242,7 +246,8 @@ class CapacityMemory:
     """What p99 has taught us about one replica's capacity (QPS per replica), with when it was learned.
 
     `breach_qps`: the lowest per-replica load at which p99 exceeded its target (the knee is below it);
-    `healthy_qps`: the highest per-replica load seen with p99 within target. Both are forgotten after
+    `healthy_qps`: the highest per-replica load seen with p99 within target; each with its p99 as a
+    ratio to the target, so that the knee can be interpolated between them. Both are forgotten after
     `capacityMemorySeconds`, so a faster engine or a new model is re-learned.
     """
 
@@ -250,6 +255,8 @@ class CapacityMemory:
     breach_time: float | None = None
     healthy_qps: float | None = None
     healthy_time: float | None = None
+    breach_ratio: float | None = None
+    healthy_ratio: float | None = None
 
 
 @dataclass(frozen=True)
@@ -261,6 +268,7 @@ class AutoscalerState:
     scale_down_events: tuple[Timed, ...] = ()
     last_scale_time: float | None = None
     last_scale_up_time: float | None = None
+    latency_scale_up_time: float | None = None
     last_load_qps: float | None = None
     last_scale_down_time: float | None = None
     down_window: float | None = None
@@ -275,6 +283,7 @@ class AutoscalerState:
             "scaleDownEvents": [[t.time, t.value] for t in self.scale_down_events],
             "lastScaleTime": self.last_scale_time,
             "lastScaleUpTime": self.last_scale_up_time,
+            "latencyScaleUpTime": self.latency_scale_up_time,
             "lastLoadQPS": self.last_load_qps,
             "lastScaleDownTime": self.last_scale_down_time,
             "downWindow": self.down_window,
@@ -284,6 +293,8 @@ class AutoscalerState:
                 "breachTime": self.capacity.breach_time,
                 "healthyQPS": self.capacity.healthy_qps,
                 "healthyTime": self.capacity.healthy_time,
+                "breachRatio": self.capacity.breach_ratio,
+                "healthyRatio": self.capacity.healthy_ratio,
             },
         }
 
@@ -299,6 +310,7 @@ class AutoscalerState:
             scale_down_events=timed("scaleDownEvents"),
             last_scale_time=data.get("lastScaleTime"),
             last_scale_up_time=data.get("lastScaleUpTime"),
+            latency_scale_up_time=data.get("latencyScaleUpTime"),
             last_load_qps=data.get("lastLoadQPS"),
             last_scale_down_time=data.get("lastScaleDownTime"),
             down_window=data.get("downWindow"),
@@ -308,6 +320,8 @@ class AutoscalerState:
                 breach_time=cap.get("breachTime"),
                 healthy_qps=cap.get("healthyQPS"),
                 healthy_time=cap.get("healthyTime"),
+                breach_ratio=cap.get("breachRatio"),
+                healthy_ratio=cap.get("healthyRatio"),
             ),
         )
 
@@ -372,6 +386,15 @@ def _within_tolerance(ratio: float, rules_up: ResolvedRules, rules_down: Resolve
     return (1.0 - rules_down.tolerance) <= ratio <= (1.0 + rules_up.tolerance)
 
 
+# Proposals are clipped here before `ceil`: a knee learned at a vanishing load makes the ratio infinite,
+# and the result is bounded by maxReplicas later anyway.
+_MAX_PROPOSAL = 1_000_000_000
+
+
+def _ceil(x: float) -> int:
+    return _MAX_PROPOSAL if not x < _MAX_PROPOSAL else math.ceil(x)
+
+
 def _guard(proposal: int, ratio: float, current: int) -> int:
     # A signal that says "less load than target" must not raise the count, and vice versa; the HPA applies
     # this only with missing pods, applying it always keeps the result monotonic while pods are created.
@@ -410,7 +433,7 @@ def qps_proposal(
     if not scale_up_with_unready and missing == 0:
         if _within_tolerance(ratio, up, down):
             return current_replicas, ratio, "within tolerance"
-        return _guard(math.ceil(ratio * len(values)), ratio, current_replicas), ratio, ""
+        return _guard(_ceil(ratio * len(values)), ratio, current_replicas), ratio, ""
     filled = list(values)
     if missing:
         filled += [target if ratio < 1.0 else 0.0] * missing
@@ -420,28 +443,34 @@ def qps_proposal(
     note = f"{missing} missing, {unready} not ready"
     if _within_tolerance(new_ratio, up, down) or (ratio < 1.0 < new_ratio) or (ratio > 1.0 > new_ratio):
         return current_replicas, ratio, note + "; within tolerance after filling in"
-    return _guard(math.ceil(new_ratio * len(filled)), new_ratio, current_replicas), ratio, note
+    return _guard(_ceil(new_ratio * len(filled)), new_ratio, current_replicas), ratio, note
+
+
+# The p99 (as a ratio to its target) that the learned knee aims for: a margin for noise between windows.
+KNEE_P99_RATIO = 0.9
 
 
 def learned_capacity(memory: CapacityMemory, *, now: float, forget_after: float) -> float | None:
     """The per-replica QPS to size for, once a breach has bounded the knee (None before that).
 
-    The knee lies between the highest healthy load and the lowest breach: size for the healthy maximum
-    when it is close to the breach, and for 90 % of the breach otherwise (a healthy maximum seen at a
-    quiet hour says little about where latency turns).
+    The knee lies between the highest healthy load and the lowest breach. With both known, with their
+    p99s, it is interpolated where log p99 crosses `KNEE_P99_RATIO` of the target (a secant on the
+    latency curve, which past the batching sweet spot rises about exponentially with load). With only
+    the breach known, or a healthy load too far below it to interpolate from (a quiet hour says little
+    about where latency turns), it is 90 % of the breach.
     """
     breach = memory.breach_qps
     if breach is None or memory.breach_time is None or now - memory.breach_time > forget_after:
         return None
+    fallback = 0.9 * breach
     healthy = memory.healthy_qps
-    if (
-        healthy is not None
-        and memory.healthy_time is not None
-        and now - memory.healthy_time <= forget_after
-        and healthy < breach
-    ):
-        return max(healthy, 0.9 * breach)
-    return 0.9 * breach
+    if healthy is None or memory.healthy_time is None or now - memory.healthy_time > forget_after or healthy >= breach:
+        return fallback
+    r_h, r_b = memory.healthy_ratio, memory.breach_ratio
+    if r_h is None or r_b is None or not 0.0 < r_h < r_b:
+        return max(healthy, fallback)
+    fraction = (math.log(KNEE_P99_RATIO) - math.log(r_h)) / (math.log(r_b) - math.log(r_h))
+    return healthy + (breach - healthy) * min(max(fraction, 0.0), 0.95)
 
 
 def update_capacity(
@@ -456,24 +485,23 @@ def update_capacity(
     """Fold one window's (load, latency) pair into the knee estimate."""
     if qps_per_replica is None or p99_ratio is None or qps_per_replica <= 0.0:
         return memory
-    breach, breach_time = memory.breach_qps, memory.breach_time
-    healthy, healthy_time = memory.healthy_qps, memory.healthy_time
-    if breach_time is not None and now - breach_time > forget_after:
-        breach, breach_time = None, None
-    if healthy_time is not None and now - healthy_time > forget_after:
-        healthy, healthy_time = None, None
+    m = memory
+    if m.breach_time is not None and now - m.breach_time > forget_after:
+        m = replace(m, breach_qps=None, breach_time=None, breach_ratio=None)
+    if m.healthy_time is not None and now - m.healthy_time > forget_after:
+        m = replace(m, healthy_qps=None, healthy_time=None, healthy_ratio=None)
     if p99_ratio > 1.0 + up_tolerance:
-        if breach is None or qps_per_replica <= breach:
-            breach, breach_time = qps_per_replica, now
-        if healthy is not None and healthy >= qps_per_replica:
+        if m.breach_qps is None or qps_per_replica <= m.breach_qps:
+            m = replace(m, breach_qps=qps_per_replica, breach_time=now, breach_ratio=p99_ratio)
+        if m.healthy_qps is not None and m.healthy_qps >= qps_per_replica:
             # The latest breach happened at a load once thought healthy: the knee moved down.
-            healthy, healthy_time = None, None
+            m = replace(m, healthy_qps=None, healthy_time=None, healthy_ratio=None)
     elif p99_ratio <= 1.0:
-        if healthy is None or qps_per_replica >= healthy:
-            healthy, healthy_time = qps_per_replica, now
-        if breach is not None and qps_per_replica >= breach:
-            breach, breach_time = None, None
-    return CapacityMemory(breach, breach_time, healthy, healthy_time)
+        if m.healthy_qps is None or qps_per_replica >= m.healthy_qps:
+            m = replace(m, healthy_qps=qps_per_replica, healthy_time=now, healthy_ratio=p99_ratio)
+        if m.breach_qps is not None and qps_per_replica >= m.breach_qps:
+            m = replace(m, breach_qps=None, breach_time=None, breach_ratio=None)
+    return m
 
 
 def latency_proposal(
@@ -805,10 +833,24 @@ def decide(config: AutoscalerConfig, observation: Observation, state: Autoscaler
         # Both signals say overload: the load is real, not a metrics glitch the rate limit guards
         # against, and every 15 s of doubling is 15 s more of a start-up delay spent failing requests.
         desired, limit = min(stabilized, config.max_replicas), "ConfirmedOverload"
+    held = state.latency_scale_up_time
+    if desired < current and held is not None and now - held < FLAP_SECONDS:
+        # A scale-up for latency at a load the QPS signal found fine is a probe of the knee; undoing it
+        # within minutes would be a flap, and the knee learned since sizes the fleet once the hold ends.
+        desired, limit = current, "HeldAfterLatencyScaleUp"
     if stabilized != recommendation:
         limit = ("ScaleUpStabilized" if recommendation >= current else "ScaleDownStabilized") + (
             "" if limit == "DesiredWithinRange" else f", {limit}"
         )
+    latency_led = (
+        any(
+            p.name == "p99" and p.replicas is not None and p.replicas >= desired and p.note.startswith("breach")
+            for p in proposals
+        )
+        and not qps_up
+    )
+    if desired > current and latency_led:
+        new_state = replace(new_state, latency_scale_up_time=now)
     if desired > current:
         reason = "ScaledUp"
     elif desired < current:
