@@ -11,7 +11,7 @@ import pytest
 
 from bench.loadgen import HttpRequest, run_open_loop
 from modelfleet_operator.autoscaler.algorithm import AutoscalerConfig
-from modelfleet_operator.autoscaler.controller import Autoscaler, ServingPod, Step
+from modelfleet_operator.autoscaler.controller import STATUS_REFRESH_SECONDS, Autoscaler, ServingPod, Step
 from modelfleet_operator.autoscaler.sources import PodScrapeSource
 from tests.modelzoo import FEATURES, classifier_model
 from tests.runtime.conftest import ServerFactory, ServerProcess
@@ -122,6 +122,29 @@ def test_losing_one_pods_scrape_is_tolerated(runtimes: list[ServerProcess]) -> N
             # idle on the way up, as in the HPA), and scaling down never does on missing data.
             assert after.desired_replicas >= 2
             assert after.status["currentReplicas"] == 2
+        finally:
+            await autoscaler.close()
+
+    asyncio.run(scenario())
+
+
+def test_unchanged_decisions_refresh_the_status_only_every_so_often(runtimes: list[ServerProcess]) -> None:
+    async def scenario() -> None:
+        clock = [0.0]
+        autoscaler = Autoscaler(PodScrapeSource(timeout_seconds=5), monotonic=lambda: clock[0])
+        try:
+            await step(autoscaler, runtimes)
+            await load(runtimes, rate=18, seconds=2)  # ~9/s per replica against 10: within tolerance
+            shown = await step(autoscaler, runtimes)
+            assert shown.desired_replicas == 2 and shown.status["qps"] > 0
+            clock[0] += STATUS_REFRESH_SECONDS / 2
+            idle = await step(autoscaler, runtimes)  # no load since: new figures, same decision
+            assert idle.desired_replicas == 2
+            assert idle.status == shown.status  # nothing new for the API server to store
+            clock[0] += STATUS_REFRESH_SECONDS
+            refreshed = await step(autoscaler, runtimes)
+            assert refreshed.status != shown.status
+            assert refreshed.status.get("qps", 0.0) < shown.status["qps"]
         finally:
             await autoscaler.close()
 

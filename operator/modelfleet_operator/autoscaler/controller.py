@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -27,6 +28,11 @@ class MetricsSource(Protocol):
     async def close(self) -> None: ...
 
     def forget(self, key: str) -> None: ...
+
+
+# status.autoscaler's figures change on every sync under load; unless the decision itself changes, they are
+# refreshed at most this often, so a short sync period does not turn into a status write per model per tick.
+STATUS_REFRESH_SECONDS = 15.0
 
 
 @dataclass(frozen=True)
@@ -57,8 +63,10 @@ class Autoscaler:
         *,
         registry: CollectorRegistry | None = None,
         wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.source, self.wall_clock = source, wall_clock
+        self.source, self.wall_clock, self.monotonic = source, wall_clock, monotonic
+        self._shown: dict[str, tuple[float, dict[str, Any]]] = {}
         self._states: dict[str, tuple[AutoscalerConfig, AutoscalerState]] = {}
         self._last: dict[str, tuple[str, int]] = {}
         self._last_scale_time: dict[str, str] = {}
@@ -90,6 +98,7 @@ class Autoscaler:
         self._states.pop(key, None)
         self._last.pop(key, None)
         self._last_scale_time.pop(key, None)
+        self._shown.pop(key, None)
         self.source.forget(key)
 
     async def step(
@@ -132,4 +141,14 @@ class Autoscaler:
             kind = "Warning" if decision.reason == "MetricsUnavailable" else "Normal"
             event = (kind, decision.reason, decision.message)
         self._last[key] = news
+        now, shown = self.monotonic(), self._shown.get(key)
+        if (
+            event is None
+            and shown is not None
+            and now - shown[0] < STATUS_REFRESH_SECONDS
+            and all(shown[1].get(k) == status.get(k) for k in ("desiredReplicas", "currentReplicas"))
+        ):
+            status = shown[1]
+        else:
+            self._shown[key] = (now, status)
         return Step(desired_replicas=decision.desired_replicas, status=status, event=event, scrape_errors=report.errors)
