@@ -842,14 +842,9 @@ def decide(config: AutoscalerConfig, observation: Observation, state: Autoscaler
         limit = ("ScaleUpStabilized" if recommendation >= current else "ScaleDownStabilized") + (
             "" if limit == "DesiredWithinRange" else f", {limit}"
         )
-    latency_led = (
-        any(
-            p.name == "p99" and p.replicas is not None and p.replicas >= desired and p.note.startswith("breach")
-            for p in proposals
-        )
-        and not qps_up
-    )
-    if desired > current and latency_led:
+    # Only a breach makes the p99 proposal exceed the current count (`_guard`), so this is "for latency alone".
+    p99_up = any(p.name == "p99" and p.replicas is not None and p.replicas > current for p in proposals)
+    if desired > current and p99_up and not qps_up:
         new_state = replace(new_state, latency_scale_up_time=now)
     if desired > current:
         reason = "ScaledUp"
