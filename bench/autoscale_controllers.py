@@ -80,7 +80,6 @@ class Ours:
         )
         decision = decide(self.config, observation, self.state)
         self.state = decision.state
-        self.last_decision = decision
         return decision.desired_replicas
 
 

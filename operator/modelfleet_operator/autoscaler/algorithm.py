@@ -455,9 +455,9 @@ def learned_capacity(memory: CapacityMemory, *, now: float, forget_after: float)
 
     The knee lies between the highest healthy load and the lowest breach. With both known, with their
     p99s, it is interpolated where log p99 crosses `KNEE_P99_RATIO` of the target (a secant on the
-    latency curve, which past the batching sweet spot rises about exponentially with load). With only
-    the breach known, or a healthy load too far below it to interpolate from (a quiet hour says little
-    about where latency turns), it is 90 % of the breach.
+    latency curve, which past the batching sweet spot rises about exponentially with load), never past
+    95 % of the way to the breach. With only the breach known it is 90 % of the breach; with a healthy
+    load but no p99s to interpolate, the larger of the two.
     """
     breach = memory.breach_qps
     if breach is None or memory.breach_time is None or now - memory.breach_time > forget_after:
