@@ -151,8 +151,9 @@ def simulate(
     startup_s: float,
     slo_s: float,
     flap_window_s: float = 300.0,
+    phase: int = 0,
 ) -> RunResult:
-    """Run one controller over one trace and score it."""
+    """Run one controller over one trace and score it; it syncs at `t % interval == phase % interval`."""
     n = arrivals.size
     sim = Simulation(
         model=model,
@@ -171,7 +172,7 @@ def simulate(
     interval = controller.interval
     mu = model.capacity_qps
     for t in range(n):
-        if t > 0 and t % interval == 0:
+        if t > 0 and t % interval == phase % interval:
             desired = controller.decide(View(sim, t))
             size = sim.fleet.size
             if desired != size:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -321,6 +322,30 @@ def test_steady_load_with_a_qps_target_past_the_knee_settles_without_a_flap(targ
     assert steady_p99_ms(load / (replicas - 1)) > 90.0  # ...and does not sit far below it
 
 
+def test_with_p99_over_target_the_qps_signal_has_no_dead_band_upwards() -> None:
+    cfg = config(targetP99LatencyMilliseconds=100.0)
+    calm = run(cfg, observe(0, 10, [106.0] * 10, p99_ms=50.0))
+    assert calm.desired_replicas == 10  # 6 % over target: inside the tolerance
+    breach = run(cfg, observe(0, 10, [106.0] * 10, p99_ms=150.0))
+    qps = next(p for p in breach.proposals if p.name == "qps")
+    assert qps.replicas == 11  # ceil(10 x 1.06): latency says the 6 % is real
+    assert breach.desired_replicas >= 11
+
+
+def test_a_latency_probe_is_held_only_while_the_load_stays() -> None:
+    cfg = config(targetQPSPerReplica=100.0, targetP99LatencyMilliseconds=100.0)
+    probe = run(cfg, observe(0, 10, [95.0] * 10, p99_ms=150.0, startup=60.0))
+    assert probe.desired_replicas > 10 and probe.limit != "HeldAfterLatencyScaleUp"
+    n, state = probe.desired_replicas, probe.state
+    assert state.latency_scale_up_time == 0.0
+    # Past the scale-down window, at the same load (950/s), the probe's pods stay: undoing it is a flap.
+    same = run(cfg, observe(200, n, [950.0 / n] * n, p99_ms=60.0, startup=60.0), state)
+    assert same.desired_replicas == n and same.limit == "HeldAfterLatencyScaleUp"
+    # At a fifth of that load the fleet is sized for something else: the hold is void.
+    less = run(cfg, observe(200, n, [190.0 / n] * n, p99_ms=30.0, startup=60.0), state)
+    assert less.desired_replicas < n
+
+
 def test_scale_down_window_follows_the_pod_start_up_time() -> None:
     cfg = config()
     d = run(cfg, observe(0, 4, [200.0] * 4, startup=60.0))
@@ -334,14 +359,22 @@ def test_scale_down_window_follows_the_pod_start_up_time() -> None:
     assert d.desired_replicas == 1  # a 60 s window (1 x start-up), not the HPA's 300 s
 
 
-def test_a_reversal_soon_after_a_scale_down_doubles_the_window() -> None:
+def test_a_reversal_soon_after_a_scale_down_lengthens_the_window() -> None:
     cfg = config()
     state = AutoscalerState(down_window=60.0, down_window_time=None, last_scale_down_time=0.0)
     d = run(cfg, observe(100, 2, [300.0, 300.0], startup=60.0), state)
     assert d.desired_replicas > 2
-    assert d.state.down_window == pytest.approx(120.0)
-    later = run(cfg, observe(100 + 1800, d.desired_replicas, [300.0] * d.desired_replicas, startup=60.0), d.state)
-    assert later.state.down_window == pytest.approx(60.0)  # half-life of 30 minutes back to the base
+    # The first reversal goes straight to the HPA's 300 s (recurring load: doubling from one start-up
+    # time would lose a burst per step), the next ones double.
+    assert d.state.down_window == pytest.approx(300.0)
+    again = replace(d.state, last_scale_down_time=200.0)
+    n = d.desired_replicas
+    d2 = run(cfg, observe(250, n, [300.0] * n, startup=60.0), again)
+    assert d2.desired_replicas > n
+    assert d2.state.down_window == pytest.approx(600.0)
+    m = d2.desired_replicas
+    later = run(cfg, observe(250 + 1800, m, [300.0] * m, startup=60.0), d2.state)
+    assert later.state.down_window == pytest.approx(300.0)  # half-life of 30 minutes back to the base
 
 
 def test_an_explicit_window_is_used_as_is() -> None:
@@ -411,6 +444,7 @@ def test_state_round_trips_through_a_dict() -> None:
         down_window=120.0,
         down_window_time=16.0,
         latency_scale_up_time=16.0,
+        latency_scale_up_qps=400.0,
         capacity=CapacityMemory(
             breach_qps=100.0, breach_time=3.0, healthy_qps=80.0, healthy_time=2.0, breach_ratio=1.5, healthy_ratio=0.6
         ),

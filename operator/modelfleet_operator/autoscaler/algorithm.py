@@ -27,13 +27,17 @@ controller runs this module with all of them switched off) and each explained wh
   load is known (for `capacityMemorySeconds`, 2 h by default). A configuration with only a p99 target gets
   a proportional QPS signal this way after its first breach;
 - a scale-up made for latency alone (the QPS signal was content) is a probe of the knee, and is not undone
-  for `FLAP_SECONDS`: on steady traffic with a QPS target past the knee, the HPA arithmetic would
-  otherwise step up on the breach and straight back down to the knee (a flap, in the benchmark's terms);
+  for `FLAP_SECONDS` while the load stays where it was: on steady traffic with a QPS target past the
+  knee, the HPA arithmetic would otherwise step up on the breach and straight back down to the knee (a
+  flap, in the benchmark's terms);
 - a confirmed overload (QPS over target *and* p99 over target) skips the scale-up rate policies: those
   guard against metric glitches, and every 15 s of doubling is 15 s more of failed requests;
 - the scale-down window, when not set explicitly, is one pod start-up time (60..300 s; 300 s when the
-  start-up time is unknown) and doubles (up to 900 s) after each reversal within 5 minutes of a scale-down,
-  halving back every 30 minutes without one: short after a one-off spike, long on recurring bursts;
+  start-up time is unknown); a reversal within 5 minutes of a scale-down lengthens it to at least the HPA's
+  300 s, and each further one doubles it (up to 900 s), halving back every 30 minutes without one: short
+  after a one-off spike, long on recurring bursts;
+- with p99 over its target, the QPS signal has no dead band upwards (the tolerance guards against noise,
+  and latency says the excess is real), so a fleet never sits past the knee inside the tolerance;
 - a per-signal direction guard (a proposal on the "down" side of its target never exceeds the current
   count, and vice versa; exactly on target means no change), which the HPA applies only when pods are
   missing; it keeps the result monotonic in load while pods are being created;
@@ -181,7 +185,9 @@ def scale_down_window(
     An explicit `behavior.scaleDown.stabilizationWindowSeconds` is used as is. Otherwise the window starts
     at `base_scale_down_window` and learns from reversals: a scale-up less than `FLAP_SECONDS` after a
     scale-down means capacity was released too early (the load came back, bursty traffic), so the window
-    doubles, up to `maxScaleDownWindowSeconds`; each `WINDOW_DECAY_SECONDS` without such a reversal
+    grows: at once to the HPA's 300 s (growing by doublings from one start-up time would lose a burst per
+    doubling; in `make bench-autoscale` that made bursty traffic 8 % dearer at 2 points less attainment),
+    then doubling, up to `maxScaleDownWindowSeconds`; each `WINDOW_DECAY_SECONDS` without such a reversal
     halves it back towards the base.
     """
     rules = config.behavior.scale_down
@@ -269,6 +275,7 @@ class AutoscalerState:
     last_scale_time: float | None = None
     last_scale_up_time: float | None = None
     latency_scale_up_time: float | None = None
+    latency_scale_up_qps: float | None = None
     last_load_qps: float | None = None
     last_scale_down_time: float | None = None
     down_window: float | None = None
@@ -284,6 +291,7 @@ class AutoscalerState:
             "lastScaleTime": self.last_scale_time,
             "lastScaleUpTime": self.last_scale_up_time,
             "latencyScaleUpTime": self.latency_scale_up_time,
+            "latencyScaleUpQPS": self.latency_scale_up_qps,
             "lastLoadQPS": self.last_load_qps,
             "lastScaleDownTime": self.last_scale_down_time,
             "downWindow": self.down_window,
@@ -311,6 +319,7 @@ class AutoscalerState:
             last_scale_time=data.get("lastScaleTime"),
             last_scale_up_time=data.get("lastScaleUpTime"),
             latency_scale_up_time=data.get("latencyScaleUpTime"),
+            latency_scale_up_qps=data.get("latencyScaleUpQPS"),
             last_load_qps=data.get("lastLoadQPS"),
             last_scale_down_time=data.get("lastScaleDownTime"),
             down_window=data.get("downWindow"),
@@ -564,7 +573,7 @@ def _record_scale_event(
             and state.last_scale_down_time is not None
             and now - state.last_scale_down_time < FLAP_SECONDS
         ):
-            down_window, down_window_time = 2.0 * down_window, now
+            down_window, down_window_time = max(2.0 * down_window, float(DEFAULT_SCALE_DOWN_WINDOW_SECONDS)), now
     elif new < previous:
         down_events += (Timed(now, previous - new),)
     return replace(
@@ -712,8 +721,20 @@ def decide(config: AutoscalerConfig, observation: Observation, state: Autoscaler
     else:
         qps_note = ""
     if qps_target is not None:
+        # The tolerance is a dead band against noise; with p99 over its target the load above the QPS target
+        # is not noise, and left inside the band it would sit past the knee until latency forced a step.
+        breach = (
+            observation.p99_seconds is not None
+            and target_s is not None
+            and observation.latency_count > 0
+            and observation.p99_seconds > target_s * (1.0 + up.tolerance)
+        )
         replicas, _, note = qps_proposal(
-            pods=observation.pods, current_replicas=current, target=qps_target, up=up, down=down
+            pods=observation.pods,
+            current_replicas=current,
+            target=qps_target,
+            up=replace(up, tolerance=0.0) if breach else up,
+            down=down,
         )
         note = "; ".join(n for n in (qps_note, note) if n)
         proposals.append(
@@ -833,8 +854,15 @@ def decide(config: AutoscalerConfig, observation: Observation, state: Autoscaler
         # Both signals say overload: the load is real, not a metrics glitch the rate limit guards
         # against, and every 15 s of doubling is 15 s more of a start-up delay spent failing requests.
         desired, limit = min(stabilized, config.max_replicas), "ConfirmedOverload"
-    held = state.latency_scale_up_time
-    if desired < current and held is not None and now - held < FLAP_SECONDS:
+    held, held_load = state.latency_scale_up_time, state.latency_scale_up_qps
+    if (
+        desired < current
+        and held is not None
+        and now - held < FLAP_SECONDS
+        # Only while the load is what the probe was made at: once it has fallen, the fleet is sized for
+        # a different load, and keeping the probe's pods would only keep the last surge's bill running.
+        and (held_load is None or load is None or load >= held_load * (1.0 - down.tolerance))
+    ):
         # A scale-up for latency at a load the QPS signal found fine is a probe of the knee; undoing it
         # within minutes would be a flap, and the knee learned since sizes the fleet once the hold ends.
         desired, limit = current, "HeldAfterLatencyScaleUp"
@@ -842,10 +870,12 @@ def decide(config: AutoscalerConfig, observation: Observation, state: Autoscaler
         limit = ("ScaleUpStabilized" if recommendation >= current else "ScaleDownStabilized") + (
             "" if limit == "DesiredWithinRange" else f", {limit}"
         )
-    # Only a breach makes the p99 proposal exceed the current count (`_guard`), so this is "for latency alone".
-    p99_up = any(p.name == "p99" and p.replicas is not None and p.replicas > current for p in proposals)
-    if desired > current and p99_up and not qps_up:
-        new_state = replace(new_state, latency_scale_up_time=now)
+    # Only a breach makes the p99 proposal exceed the current count (`_guard`); when it also exceeds the QPS
+    # signal's, latency chose the size: a probe of the knee, whatever small step the QPS signal asked for.
+    by_name = {p.name: p.replicas for p in proposals if p.replicas is not None}
+    p99_led = by_name.get("p99", 0) > max(current, by_name.get("qps", 0))
+    if desired > current and p99_led:
+        new_state = replace(new_state, latency_scale_up_time=now, latency_scale_up_qps=load)
     if desired > current:
         reason = "ScaledUp"
     elif desired < current:
