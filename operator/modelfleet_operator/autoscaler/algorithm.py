@@ -26,8 +26,8 @@ controller runs this module with all of them switched off) and each explained wh
   log p99 between the highest healthy load and the lowest breach, or 90 % of the breach before a healthy
   load is known (for `capacityMemorySeconds`, 2 h by default). A configuration with only a p99 target gets
   a proportional QPS signal this way after its first breach;
-- a scale-up made for latency alone (the QPS signal was content) is a probe of the knee, and is not undone
-  for `FLAP_SECONDS` while the load stays where it was: on steady traffic with a QPS target past the
+- a scale-up whose size the p99 signal chose (above the QPS signal's) is a probe of the knee, and is not
+  undone for `FLAP_SECONDS` while the load stays where it was: on steady traffic with a QPS target past the
   knee, the HPA arithmetic would otherwise step up on the breach and straight back down to the knee (a
   flap, in the benchmark's terms);
 - a confirmed overload (QPS over target *and* p99 over target) skips the scale-up rate policies: those
@@ -186,8 +186,7 @@ def scale_down_window(
     at `base_scale_down_window` and learns from reversals: a scale-up less than `FLAP_SECONDS` after a
     scale-down means capacity was released too early (the load came back, bursty traffic), so the window
     grows: at once to the HPA's 300 s (growing by doublings from one start-up time would lose a burst per
-    doubling; in `make bench-autoscale` that made bursty traffic 8 % dearer at 2 points less attainment),
-    then doubling, up to `maxScaleDownWindowSeconds`; each `WINDOW_DECAY_SECONDS` without such a reversal
+    doubling), then doubling, up to `maxScaleDownWindowSeconds`; each `WINDOW_DECAY_SECONDS` without such a reversal
     halves it back towards the base.
     """
     rules = config.behavior.scale_down
@@ -673,6 +672,11 @@ def decide(config: AutoscalerConfig, observation: Observation, state: Autoscaler
     target_s = (
         None if config.target_p99_latency_milliseconds is None else config.target_p99_latency_milliseconds / 1000.0
     )
+    breach = (
+        target_s is not None
+        and observation.p99_seconds is not None
+        and observation.p99_seconds > target_s * (1.0 + up.tolerance)
+    )
     starting = sum(1 for p in observation.pods if not p.ready or p.qps is None)
     # After a scale-up, latency keeps showing the backlog of the under-provisioned spell until the new
     # pods have started and a few windows have passed; until then a p99 breach is old news.
@@ -723,12 +727,6 @@ def decide(config: AutoscalerConfig, observation: Observation, state: Autoscaler
     if qps_target is not None:
         # The tolerance is a dead band against noise; with p99 over its target the load above the QPS target
         # is not noise, and left inside the band it would sit past the knee until latency forced a step.
-        breach = (
-            observation.p99_seconds is not None
-            and target_s is not None
-            and observation.latency_count > 0
-            and observation.p99_seconds > target_s * (1.0 + up.tolerance)
-        )
         replicas, _, note = qps_proposal(
             pods=observation.pods,
             current_replicas=current,
@@ -843,13 +841,7 @@ def decide(config: AutoscalerConfig, observation: Observation, state: Autoscaler
         down=down,
     )
     qps_up = any(p.name == "qps" and p.replicas is not None and p.replicas > current for p in proposals)
-    confirmed = (
-        config.overload_bypasses_rate_limit
-        and qps_up
-        and target_s is not None
-        and observation.p99_seconds is not None
-        and observation.p99_seconds / target_s > 1.0 + up.tolerance
-    )
+    confirmed = config.overload_bypasses_rate_limit and qps_up and breach
     if confirmed and limit == "ScaleUpLimit":
         # Both signals say overload: the load is real, not a metrics glitch the rate limit guards
         # against, and every 15 s of doubling is 15 s more of a start-up delay spent failing requests.
@@ -863,7 +855,7 @@ def decide(config: AutoscalerConfig, observation: Observation, state: Autoscaler
         # a different load, and keeping the probe's pods would only keep the last surge's bill running.
         and (held_load is None or load is None or load >= held_load * (1.0 - down.tolerance))
     ):
-        # A scale-up for latency at a load the QPS signal found fine is a probe of the knee; undoing it
+        # A scale-up sized by latency rather than by the QPS signal is a probe of the knee; undoing it
         # within minutes would be a flap, and the knee learned since sizes the fleet once the hold ends.
         desired, limit = current, "HeldAfterLatencyScaleUp"
     if stabilized != recommendation:

@@ -114,8 +114,26 @@ async def scrape_pods(
     return tuple(await asyncio.gather(*(one(e) for e in endpoints if e.ready)))
 
 
+@dataclass(kw_only=True)
+class _HttpClient:
+    """An aiohttp session given by the caller (kept open) or made on first use (closed by `close`)."""
+
+    session: aiohttp.ClientSession | None = None
+    _owns_session: bool = False
+
+    async def _session(self) -> aiohttp.ClientSession:
+        if self.session is None or self.session.closed:
+            self.session = aiohttp.ClientSession()
+            self._owns_session = True
+        return self.session
+
+    async def close(self) -> None:
+        if self._owns_session and self.session is not None:
+            await self.session.close()
+
+
 @dataclass
-class PodScrapeSource:
+class PodScrapeSource(_HttpClient):
     """The default source. Keep one per operator; `observe` once per InferenceModel per sync period.
 
     `key` names the InferenceModel (e.g. "namespace/name") so snapshots of different models never mix.
@@ -125,15 +143,7 @@ class PodScrapeSource:
 
     timeout_seconds: float = 2.0
     concurrency: int = 16
-    session: aiohttp.ClientSession | None = None
     _previous: dict[str, dict[str, Snapshot]] = field(default_factory=dict)
-    _owns_session: bool = False
-
-    async def _session(self) -> aiohttp.ClientSession:
-        if self.session is None or self.session.closed:
-            self.session = aiohttp.ClientSession()
-            self._owns_session = True
-        return self.session
 
     async def observe(
         self, *, key: str, model: str, pods: Sequence[PodEndpoint], current_replicas: int
@@ -171,10 +181,6 @@ class PodScrapeSource:
         """Drop a deleted InferenceModel's snapshots."""
         self._previous.pop(key, None)
 
-    async def close(self) -> None:
-        if self._owns_session and self.session is not None:
-            await self.session.close()
-
 
 class PrometheusError(RuntimeError):
     """The Prometheus HTTP API failed or answered something unexpected."""
@@ -203,7 +209,7 @@ def build_queries(
 
 
 @dataclass
-class PrometheusSource:
+class PrometheusSource(_HttpClient):
     """Optional source: the Prometheus HTTP API (`/api/v1/query`), for clusters that scrape the runtime.
 
     Pods absent from the per-pod QPS result are "missing", as with direct scraping.
@@ -213,14 +219,6 @@ class PrometheusSource:
     timeout_seconds: float = 5.0
     window: str = "1m"
     pod_label: str = "pod"
-    session: aiohttp.ClientSession | None = None
-    _owns_session: bool = False
-
-    async def _session(self) -> aiohttp.ClientSession:
-        if self.session is None or self.session.closed:
-            self.session = aiohttp.ClientSession()
-            self._owns_session = True
-        return self.session
 
     async def query(self, promql: str) -> list[tuple[Mapping[str, str], float]]:
         """Run an instant query; returns (labels, value) per series. NaN values are kept as NaN."""
@@ -289,7 +287,3 @@ class PrometheusSource:
             latency_available=latency_available,
         )
         return SourceReport(observation=observation, errors=tuple(errors))
-
-    async def close(self) -> None:
-        if self._owns_session and self.session is not None:
-            await self.session.close()
