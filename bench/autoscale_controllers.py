@@ -41,6 +41,10 @@ class Ours:
     name: str = "ours"
     interval: int = 15
     latency_step: LatencyStep = LatencyStep.BOUNDED
+    # Experiment only (no operator can see this): per-pod QPS is at least the offered rate of the last
+    # `recent_seconds`, i.e. an exact instantaneous demand signal. It bounds from above what a queue-depth
+    # gauge read at the scrape could add at the same sync period.
+    recent_seconds: int = 0
     extra: dict[str, object] = field(default_factory=dict)
     state: AutoscalerState = field(default_factory=AutoscalerState)
 
@@ -62,6 +66,8 @@ class Ours:
     def decide(self, view: View) -> int:
         old, new, unready = view.pods(self.interval)
         qps = view.per_pod_qps(self.interval)
+        if self.recent_seconds:
+            qps = max(qps, view.per_pod_qps(self.recent_seconds))
         pods = (
             [PodObservation(f"r{i}", True, qps) for i in range(old)]
             + [PodObservation(f"n{i}", True, None) for i in range(new)]

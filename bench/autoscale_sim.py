@@ -10,7 +10,8 @@ PNG of cost-against-attainment curves per trace.
 Controllers: `ours` (the real algorithm with its defaults, 15 s sync), `ours-5s` (the same with a 5 s
 sync), `ours-spec` (the algorithm as first specified: HPA arithmetic on p99 too, HPA rate limits and a
 fixed 300 s window), `hpa` and `kpa` (see autoscale_controllers.py). `--controllers ours-xKEY=JSON;...`
-runs ours with configuration overrides, for experiments.
+runs ours with configuration overrides, for experiments; three keys are not configuration: `interval`
+(the sync period), `p99x` (the p99 target as a multiple of the SLO) and `instant` (see `Ours.recent_seconds`).
 
     python -m bench.autoscale_sim [--quick] [--jobs 2] [--out bench/results]
 """
@@ -86,11 +87,14 @@ def make_controller(job: Job) -> Controller:
         interval = int(extra.pop("interval", 15))
         # `p99x`: the p99 target as a multiple of the SLO (a looser target trades attainment for cost).
         p99x = float(extra.pop("p99x", 1.0))
+        # `instant`: see `Ours.recent_seconds` (an upper bound for a queue-depth signal, not a controller).
+        recent = int(extra.pop("instant", 0))
         return Ours(
             target=job.fraction * mu,
             target_p99_ms=job.p99_target_ms * p99x,
             name=job.controller,
             interval=interval,
+            recent_seconds=recent,
             extra=extra,
         )
     if job.controller == "hpa":

@@ -114,3 +114,15 @@ def test_each_run_is_the_mean_over_sync_phases() -> None:
     assert record["phases"] == len(PHASES)
     assert record["slo_attainment"] == pytest.approx(np.mean([r.slo_attainment for r in one]), abs=1e-4)
     assert record["replica_seconds"] == pytest.approx(np.mean([r.replica_seconds for r in one]), abs=0.1)
+
+
+def test_the_instant_rate_experiment_sees_a_surge_before_the_window_does() -> None:
+    # `ours-xinstant=3` bounds what a queue-depth signal could add (README): at this phase a sync falls at the
+    # end of the surge's 10 s ramp, where the window's average is still half of what the last seconds show.
+    def run(controller: str) -> dict[str, float]:
+        model = DEFAULT_MODEL
+        return run_job(Job("spike10", 60, controller, 0.7, 7, 6.37, model.slo_ms, model.slo_ms, model, (2 / 3,)))
+
+    plain, instant = run("ours"), run("ours-xinstant=3")
+    assert instant["slo_attainment"] > plain["slo_attainment"] + 0.5
+    assert instant["replica_seconds"] < 1.1 * plain["replica_seconds"]
