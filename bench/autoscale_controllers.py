@@ -163,6 +163,8 @@ class Hpa:
     def decide(self, view: View) -> int:
         now = float(view.t)
         current = view.spec_replicas
+        if not self.recommendations:  # recordInitialRecommendation (horizontal.go)
+            self.recommendations = [(now, current)]
         if current > MAX_REPLICAS:
             desired = MAX_REPLICAS
         elif current < MIN_REPLICAS:

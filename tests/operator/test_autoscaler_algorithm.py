@@ -195,6 +195,19 @@ def test_scale_down_waits_for_the_stabilization_window() -> None:
     assert d.desired_replicas == 1  # the scale-up recommendation at t=0 has left the 300 s window
 
 
+def test_without_history_the_current_count_stands_for_a_window() -> None:
+    # HPA recordInitialRecommendation: a new model (or a lost state) does not scale down on its first
+    # reading, which may be a truncated window; it waits one scale-down window like any other.
+    cfg = hpa_config()
+    d = run(cfg, observe(0, 10, [50.0] * 10))
+    assert d.desired_replicas == 10
+    assert "ScaleDownStabilized" in d.limit
+    d = run(cfg, observe(300, 10, [50.0] * 10), d.state)
+    assert d.desired_replicas == 5
+    # Scaling up needs no history.
+    assert run(cfg, observe(0, 4, [200.0] * 4)).desired_replicas == 8
+
+
 def test_bounds_apply_to_the_result_and_to_an_out_of_range_current_count() -> None:
     cfg = hpa_config(minReplicas=2, maxReplicas=5)
     d = run(cfg, observe(0, 4, [400.0] * 4))
@@ -344,6 +357,22 @@ def test_a_latency_probe_is_held_only_while_the_load_stays() -> None:
     # At a fifth of that load the fleet is sized for something else: the hold is void.
     less = run(cfg, observe(200, n, [190.0 / n] * n, p99_ms=30.0, startup=60.0), state)
     assert less.desired_replicas < n
+
+
+def test_a_step_up_during_a_probe_hold_extends_the_hold() -> None:
+    cfg = config(targetQPSPerReplica=100.0, targetP99LatencyMilliseconds=100.0)
+    probe = run(cfg, observe(0, 10, [95.0] * 10, p99_ms=150.0, startup=60.0))
+    assert probe.desired_replicas == 15
+    # 5 s later, with the probe's pods still starting, more load: the QPS signal (sized by the knee the
+    # probe taught) leads a further step, while p99 waits for the starting pods.
+    step = run(cfg, observe(5, 15, [150.0] * 10, unready=5, p99_ms=150.0, startup=60.0), probe.state)
+    assert step.desired_replicas > 15
+    m, state = step.desired_replicas, step.state
+    assert state.latency_scale_up_time == 5.0
+    # 302 s: 5 min after the probe but not after the step, at nearly the same load; undoing the step now
+    # would be a flap.
+    late = run(cfg, observe(302, m, [1360.0 / m] * m, p99_ms=60.0, startup=60.0), state)
+    assert late.desired_replicas == m and late.limit == "HeldAfterLatencyScaleUp"
 
 
 def test_scale_down_window_follows_the_pod_start_up_time() -> None:

@@ -93,27 +93,31 @@ def test_scoring_separates_foresight_from_a_late_controller() -> None:
     assert hpa.scaling_actions >= 2
 
 
-def test_each_run_is_the_mean_over_sync_phases() -> None:
-    job = Job("step5", 60, "hpa", 0.7, 7, 6.37, DEFAULT_MODEL.slo_ms, DEFAULT_MODEL.slo_ms, DEFAULT_MODEL, PHASES)
-    arrivals = trace_arrivals("step5", base_qps=6.37 * DEFAULT_MODEL.capacity_qps, seed=7)
-    one = [
-        simulate(
-            arrivals,
-            Hpa(target=0.7 * DEFAULT_MODEL.capacity_qps),
-            model=DEFAULT_MODEL,
+def test_each_run_is_the_mean_over_seeds_and_sync_phases() -> None:
+    model = DEFAULT_MODEL
+    seeds = (7, 8)
+    job = Job("step5", 60, "hpa", 0.7, seeds, 6.37, model.slo_ms, model.slo_ms, model, PHASES)
+    runs = {
+        (seed, p): simulate(
+            trace_arrivals("step5", base_qps=6.37 * model.capacity_qps, seed=seed),
+            Hpa(target=0.7 * model.capacity_qps),
+            model=model,
             startup_s=60,
-            slo_s=DEFAULT_MODEL.slo_ms / 1000.0,
+            slo_s=model.slo_ms / 1000.0,
             phase=round(p * 15),
         )
+        for seed in seeds
         for p in PHASES
-    ]
+    }
     # The step falls on a sync at phase 0 only: where the clock stands changes the outcome...
-    assert len({round(r.slo_attainment, 6) for r in one}) > 1
-    # ...so the record is the mean over the phases, not one lucky (or unlucky) clock.
+    assert len({round(runs[7, p].slo_attainment, 6) for p in PHASES}) > 1
+    # ...and so does the draw of the arrivals...
+    assert runs[7, PHASES[1]].slo_attainment != runs[8, PHASES[1]].slo_attainment
+    # ...so the record is the mean over both, not one lucky (or unlucky) clock or draw.
     record = run_job(job)
-    assert record["phases"] == len(PHASES)
-    assert record["slo_attainment"] == pytest.approx(np.mean([r.slo_attainment for r in one]), abs=1e-4)
-    assert record["replica_seconds"] == pytest.approx(np.mean([r.replica_seconds for r in one]), abs=0.1)
+    assert (record["seeds"], record["phases"]) == (len(seeds), len(PHASES))
+    assert record["slo_attainment"] == pytest.approx(np.mean([r.slo_attainment for r in runs.values()]), abs=1e-4)
+    assert record["replica_seconds"] == pytest.approx(np.mean([r.replica_seconds for r in runs.values()]), abs=0.1)
 
 
 def test_the_instant_rate_experiment_sees_a_surge_before_the_window_does() -> None:
@@ -121,7 +125,7 @@ def test_the_instant_rate_experiment_sees_a_surge_before_the_window_does() -> No
     # end of the surge's 10 s ramp, where the window's average is still half of what the last seconds show.
     def run(controller: str) -> dict[str, float]:
         model = DEFAULT_MODEL
-        return run_job(Job("spike10", 60, controller, 0.7, 7, 6.37, model.slo_ms, model.slo_ms, model, (2 / 3,)))
+        return run_job(Job("spike10", 60, controller, 0.7, (7,), 6.37, model.slo_ms, model.slo_ms, model, (2 / 3,)))
 
     plain, instant = run("ours"), run("ours-xinstant=3")
     assert instant["slo_attainment"] > plain["slo_attainment"] + 0.5

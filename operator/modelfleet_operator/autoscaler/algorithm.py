@@ -824,7 +824,9 @@ def decide(config: AutoscalerConfig, observation: Observation, state: Autoscaler
         desired=recommendation,
         current=current,
         now=now,
-        recommendations=state.recommendations,
+        # HPA `recordInitialRecommendation`: with no history (a new model, or a state lost), the current
+        # count stands as a recommendation, so a first reading cannot scale down before a window has passed.
+        recommendations=state.recommendations or (Timed(now, current),),
         up=up,
         down=down,
     )
@@ -864,9 +866,12 @@ def decide(config: AutoscalerConfig, observation: Observation, state: Autoscaler
         )
     # Only a breach makes the p99 proposal exceed the current count (`_guard`); when it also exceeds the QPS
     # signal's, latency chose the size: a probe of the knee, whatever small step the QPS signal asked for.
+    # A scale-up while a probe is held (the knee the probe taught, sizing the next step) belongs to the
+    # same probe: the hold runs from the last of them, or its end would undo that step within minutes.
     by_name = {p.name: p.replicas for p in proposals if p.replicas is not None}
     p99_led = by_name.get("p99", 0) > max(current, by_name.get("qps", 0))
-    if desired > current and p99_led:
+    probing = held is not None and now - held < FLAP_SECONDS
+    if desired > current and (p99_led or probing):
         new_state = replace(new_state, latency_scale_up_time=now, latency_scale_up_qps=load)
     if desired > current:
         reason = "ScaledUp"
