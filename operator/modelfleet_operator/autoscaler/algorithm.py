@@ -27,7 +27,8 @@ controller runs this module with all of them switched off) and each explained wh
   load is known (for `capacityMemorySeconds`, 2 h by default). A configuration with only a p99 target gets
   a proportional QPS signal this way after its first breach;
 - a scale-up whose size the p99 signal chose (above the QPS signal's) is a probe of the knee, and is not
-  undone for `FLAP_SECONDS` while the load stays where it was: on steady traffic with a QPS target past the
+  undone for `FLAP_SECONDS` (counted from the last scale-up while it is held) while the load stays where
+  it was: on steady traffic with a QPS target past the
   knee, the HPA arithmetic would otherwise step up on the breach and straight back down to the knee (a
   flap, in the benchmark's terms);
 - a confirmed overload (QPS over target *and* p99 over target) skips the scale-up rate policies: those
