@@ -665,7 +665,9 @@ def test_missing_status_reads_as_empty() -> None:
 
 
 def test_base_manifest_is_valid() -> None:
-    api.parse_inference_model(BASE)
+    # The base every invalid case mutates must itself parse, and parse to what it says.
+    model = api.parse_inference_model(BASE)
+    assert model.model_dump(by_alias=True, exclude_unset=True)["spec"]["model"] == BASE["spec"]["model"]
 
 
 def test_the_invalid_table_is_large_and_its_ids_unique() -> None:

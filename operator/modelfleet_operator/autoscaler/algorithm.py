@@ -850,10 +850,10 @@ def decide(config: AutoscalerConfig, observation: Observation, state: Autoscaler
         # against, and every 15 s of doubling is 15 s more of a start-up delay spent failing requests.
         desired, limit = min(stabilized, config.max_replicas), "ConfirmedOverload"
     held, held_load = state.latency_scale_up_time, state.latency_scale_up_qps
+    probing = held is not None and now - held < FLAP_SECONDS
     if (
         desired < current
-        and held is not None
-        and now - held < FLAP_SECONDS
+        and probing
         # Only while the load is what the probe was made at: once it has fallen, the fleet is sized for
         # a different load, and keeping the probe's pods would only keep the last surge's bill running.
         and (held_load is None or load is None or load >= held_load * (1.0 - down.tolerance))
@@ -871,7 +871,6 @@ def decide(config: AutoscalerConfig, observation: Observation, state: Autoscaler
     # same probe: the hold runs from the last of them, or its end would undo that step within minutes.
     by_name = {p.name: p.replicas for p in proposals if p.replicas is not None}
     p99_led = by_name.get("p99", 0) > max(current, by_name.get("qps", 0))
-    probing = held is not None and now - held < FLAP_SECONDS
     if desired > current and (p99_led or probing):
         new_state = replace(new_state, latency_scale_up_time=now, latency_scale_up_qps=load)
     if desired > current:
