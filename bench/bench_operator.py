@@ -416,7 +416,7 @@ def start_operator(kubeconfig: Path, work: Path, *, resync_seconds: float) -> tu
     }
     log_file = (work / "operator.log").open("wb")
     proc = subprocess.Popen(
-        [str(ROOT / ".venv" / "bin" / "modelfleet"), "operator", f"--liveness-port={port}"],
+        [sys.executable, "-m", "modelfleet_runtime.cli", "operator", f"--liveness-port={port}"],
         env=env,
         stdout=log_file,
         stderr=subprocess.STDOUT,

@@ -33,7 +33,7 @@ k8s_module() {
 
 build_k8s() {
   local need=()
-  for c in kube-apiserver kube-controller-manager kube-scheduler; do [ -x "$bin/$c" ] || need+=("$c"); done
+  for c in kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy; do [ -x "$bin/$c" ] || need+=("$c"); done
   [ ${#need[@]} -eq 0 ] && return 0
   local dir; dir=$(k8s_module); cd "$dir"
   local minor=${KUBE_VERSION#v1.}; minor=${minor%%.*}
@@ -98,7 +98,7 @@ check_go() {
 }
 
 t_all=$SECONDS
-for c in kube-apiserver kube-controller-manager kube-scheduler kwok kwokctl etcd; do
+for c in kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kwok kwokctl etcd; do
   [ -x "$bin/$c" ] || { check_go; break; }
 done
 build_kubectl_helm

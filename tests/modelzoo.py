@@ -23,26 +23,33 @@ def _save(model: onnx.ModelProto, path: Path) -> Path:
     return path
 
 
-def classifier_weights(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+Sizes = tuple[int, int, int]  # features, hidden units, classes
+SIZES: Sizes = (FEATURES, 32, CLASSES)
+
+
+def classifier_weights(seed: int = 0, sizes: Sizes = SIZES) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    features, hidden, classes = sizes
     rng = np.random.default_rng(seed)
-    w1 = rng.normal(0, 0.5, (FEATURES, 32)).astype(np.float32)
-    b1 = rng.normal(0, 0.1, (32,)).astype(np.float32)
-    w2 = rng.normal(0, 0.5, (32, CLASSES)).astype(np.float32)
-    b2 = rng.normal(0, 0.1, (CLASSES,)).astype(np.float32)
+    w1 = rng.normal(0, 0.5, (features, hidden)).astype(np.float32)
+    b1 = rng.normal(0, 0.1, (hidden,)).astype(np.float32)
+    w2 = rng.normal(0, 0.5, (hidden, classes)).astype(np.float32)
+    b2 = rng.normal(0, 0.1, (classes,)).astype(np.float32)
     return w1, b1, w2, b2
 
 
-def classifier_reference(x: np.ndarray, seed: int = 0) -> np.ndarray:
+def classifier_reference(x: np.ndarray, seed: int = 0, sizes: Sizes = SIZES) -> np.ndarray:
     """NumPy reference of `classifier_model`: softmax(relu(x @ w1 + b1) @ w2 + b2)."""
-    w1, b1, w2, b2 = classifier_weights(seed)
+    w1, b1, w2, b2 = classifier_weights(seed, sizes)
     logits = np.maximum(x @ w1 + b1, 0) @ w2 + b2
     e = np.exp(logits - logits.max(axis=-1, keepdims=True))
     return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
-def classifier_model(path: Path, seed: int = 0) -> Path:
-    """A classifier-shaped MLP: input `input` FP32 [batch, 16] -> output `probabilities` FP32 [batch, 10]."""
-    w1, b1, w2, b2 = classifier_weights(seed)
+def classifier_model(path: Path, seed: int = 0, sizes: Sizes = SIZES) -> Path:
+    """A classifier-shaped MLP: input `input` FP32 [batch, 16] -> output `probabilities` FP32 [batch, 10]
+    (other `sizes`: [batch, features] -> [batch, classes])."""
+    w1, b1, w2, b2 = classifier_weights(seed, sizes)
+    features, _, classes = sizes
     inits = [numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2"))]
     nodes = [
         helper.make_node("MatMul", ["input", "w1"], ["h0"]),
@@ -55,8 +62,8 @@ def classifier_model(path: Path, seed: int = 0) -> Path:
     graph = helper.make_graph(
         nodes,
         "classifier",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", FEATURES])],
-        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", CLASSES])],
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", features])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", classes])],
         initializer=inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="modelfleet-tests")

@@ -4,8 +4,8 @@
 (defence in depth). Cross-field rules are declared twice on purpose, next to each other: as CEL
 (`x-kubernetes-validations`, enforced by the API server) and as a pydantic validator with the very same
 message (enforced here). The pydantic side must never be stricter than the CEL side, so anything the
-API server accepted parses. Pydantic and the standard library only: the operator's API layer has no
-Kubernetes client.
+API server accepted parses. Pydantic, the standard library and the build's own option defaults only: the
+operator's API layer has no Kubernetes client.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from pydantic import (
     model_validator,
 )
 from pydantic.alias_generators import to_camel
+
+from modelfleet_runtime.build.options import describe_default
 
 GROUP = "modelfleet.io"
 VERSION = "v1alpha1"
@@ -282,20 +284,21 @@ class AccuracyGate(_Spec):
         None,
         ge=0,
         description="Largest error relative to the output's largest magnitude. Absent: the precision's"
-        " default (fp32 0.001, fp16 0.01, int8 and fp8 0.1).",
+        f" default ({describe_default('max_rel_error')}).",
     )
     min_top1_agreement: float | None = Field(
         None,
         ge=0,
         le=1,
         description="Fraction of samples whose argmax matches the reference, for classifier-shaped"
-        " outputs ([batch, classes]). Absent: the precision's default (fp32, fp16 0.99; int8, fp8 0.95).",
+        f" outputs ([batch, classes]). Absent: the precision's default ({describe_default('min_top1_agreement')}).",
     )
-    samples: int = Field(
-        64,
+    samples: int | None = Field(
+        None,
         ge=1,
         le=100_000,
-        description="Samples compared: the calibration data when given, else seeded synthetic inputs.",
+        description="Samples compared: the calibration data when given, else seeded synthetic inputs. Absent:"
+        f" the precision's default ({describe_default('samples')}).",
     )
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from modelfleet_runtime.backends.base import Backend
+from modelfleet_runtime.build import cpu
 from modelfleet_runtime.settings import ServeSettings
 
 MANIFEST = "manifest.json"
@@ -61,6 +62,21 @@ def _profile(raw: Any) -> BatchProfile | None:
     return BatchProfile(min=lo, opt=opt, max=hi)
 
 
+def _check_int8_portability(manifest: dict[str, Any], manifest_path: Path, *, this_cpu: str) -> None:
+    """Refuse an int8 artifact whose results depend on the CPU class when this CPU's class differs."""
+    details = manifest.get("details")
+    if not isinstance(details, dict) or details.get("int8Portable") is not False:
+        return
+    gated_on = str(details.get("cpuInt8Kernel"))
+    if not cpu.same_int8_results(gated_on, this_cpu):
+        raise ModelLoadError(
+            f"{manifest_path}: the artifact keeps the model's own int8 weights and was gated on a CPU of int8 "
+            f"kernel class {gated_on!r}; this CPU is {this_cpu!r}, where its int8 products "
+            f"{'saturate' if cpu.u8s8_saturates(this_cpu) else 'do not saturate'}, so the gate's verdict does "
+            "not hold here: serve it on a node of the class it was built on"
+        )
+
+
 def build_model_source(path: Path) -> ModelSource:
     """Read `path`: an .onnx file serves with ONNX Runtime; a directory must be an engine-store entry."""
     if path.is_file():
@@ -99,6 +115,7 @@ def build_model_source(path: Path) -> ModelSource:
         }
     except (TypeError, ValueError):
         raise ModelLoadError(f"{manifest_path}: options.shapes opt dimensions must be integers") from None
+    _check_int8_portability(manifest, manifest_path, this_cpu=cpu.this_cpu())
     sha = manifest.get("artifact_sha256")
     return ModelSource(
         backend=backend,

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from hack import sa_kubeconfig, volumes
+from tests.commands import MODELFLEET
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER_SH = ROOT / "hack" / "cluster.sh"
@@ -147,7 +148,7 @@ class OperatorProcess:
         }
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [str(ROOT / ".venv" / "bin" / "modelfleet"), "operator", f"--liveness-port={self.port}"],
+            [*MODELFLEET, "operator", f"--liveness-port={self.port}"],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel
 
 from modelfleet_operator import api, crdgen
+from modelfleet_runtime.build.options import DEFAULT_GATES
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
@@ -477,6 +478,15 @@ def test_every_example_parses_and_has_no_namespace(path: Path) -> None:
     assert "namespace" not in obj["metadata"]  # tests apply them into a namespace of their own
 
 
+def test_the_gate_descriptions_state_the_defaults_the_build_applies() -> None:
+    schema = api.AccuracyGate.model_json_schema(by_alias=True)["properties"]
+    for field, figure in (("maxRelError", "max_rel_error"), ("minTop1Agreement", "min_top1_agreement")):
+        for precision, gate in DEFAULT_GATES.items():
+            assert f"{precision} {getattr(gate, figure):g}" in schema[field]["description"], field
+    assert "int8 0.98" in schema["minTop1Agreement"]["description"]
+    assert "int8 256" in schema["samples"]["description"]
+
+
 def test_minimal_example_holds_only_the_model_uri() -> None:
     obj = load_yaml(ROOT / "examples" / "minimal.yaml")
     assert obj["spec"] == {"model": {"uri": obj["spec"]["model"]["uri"]}}
@@ -490,7 +500,10 @@ def test_defaults_are_the_documented_ones() -> None:
     assert engine.architectures == []
     assert engine.shapes == {}
     assert engine.calibration is None
-    assert engine.accuracy == api.AccuracyGate(samples=64)
+    # Every figure follows the precision's defaults, which the build resolves (one table: DEFAULT_GATES).
+    assert engine.accuracy == api.AccuracyGate(
+        max_abs_error=None, max_rel_error=None, min_top1_agreement=None, samples=None
+    )
     assert engine.tensorrt == api.TensorRTOptions(builder_optimization_level=3, workspace_mib=None)
     assert engine.onnxruntime.quantization == "dynamic"
     assert (serving.resources.gpu, serving.resources.cpu, serving.resources.memory) == (1, "2", "8Gi")

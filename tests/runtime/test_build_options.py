@@ -179,3 +179,27 @@ def test_operator_side_modules_import_without_onnx_numpy_or_tensorrt() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == ""
+
+
+def test_onnxruntime_int8_settings_are_in_the_key_by_name() -> None:
+    # The quantization scheme (weight type, granularity) shapes the int8 artifact: another scheme must be
+    # another key, so an artifact quantized with old settings is never served as a hit.
+    dynamic = BuildOptions(backend="onnxruntime", precision="int8")
+    assert dynamic.normalized()["onnxruntime"] == {"quantization": "dynamic", "scheme": "dynamic-u8u8-per-channel"}
+    static = BuildOptions(
+        backend="onnxruntime",
+        precision="int8",
+        calibration=Calibration(path="c.npz", sha256=DIGEST),
+        onnxruntime=OnnxRuntimeOptions(quantization="static"),
+    )
+    assert static.normalized()["onnxruntime"] == {"quantization": "static", "scheme": "static-qdq-u8u8-per-channel"}
+    assert key(options=dynamic) != key(options=dynamic.model_copy(update={"onnxruntime": static.onnxruntime}))
+    assert BuildOptions(backend="tensorrt", precision="int8").normalized()["onnxruntime"] is None
+    assert BuildOptions(backend="onnxruntime", precision="fp32").normalized()["onnxruntime"] is None
+
+
+def test_a_gate_left_unset_takes_the_precisions_defaults_into_the_key() -> None:
+    int8 = BuildOptions(backend="onnxruntime", precision="int8").normalized()["accuracy"]
+    assert int8 == {"max_abs_error": None, "max_rel_error": 0.2, "min_top1_agreement": 0.98, "samples": 256}
+    fp32 = BuildOptions(backend="onnxruntime").normalized()["accuracy"]
+    assert fp32 == {"max_abs_error": None, "max_rel_error": 1e-3, "min_top1_agreement": 0.99, "samples": 64}

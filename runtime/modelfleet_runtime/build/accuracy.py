@@ -116,7 +116,7 @@ def split_batches(feeds: Feeds, *, batch_size: int, min_batch: int) -> list[Feed
 def gate_batches(spec: ModelSpec, *, options: BuildOptions, calibration: Feeds | None) -> list[Feeds]:
     """The samples the gate compares: the calibration data when given, else synthetic; in batches of opt."""
     batch = options.batch
-    wanted = options.accuracy.samples
+    wanted = options.accuracy.resolved(options.precision).samples
     if calibration is not None:
         rows = next(iter(calibration.values())).shape[0]
         feeds = {name: array[:wanted] for name, array in calibration.items()}

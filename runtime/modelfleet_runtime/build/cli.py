@@ -506,6 +506,8 @@ def _fill_from_manifest(result: Result, manifest: dict[str, Any]) -> None:
     precision = manifest.get("precision") or {}
     result.effective_precision = precision.get("effective")
     result.build_seconds = manifest.get("build_seconds")
+    details = manifest.get("details") or {}
+    result.extra.update({k: details[k] for k in ("cpuInt8Kernel", "int8Portable") if k in details})
     figures = manifest.get("accuracy") or {}
     result.accuracy = {
         "samples": figures.get("samples"),
