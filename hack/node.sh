@@ -96,7 +96,7 @@ EOF
 node_ensure_packages() {
   local p missing=()
   for p in "${node_packages[@]}"; do
-    dpkg-query -W -f '${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+    [ "$(dpkg-query -W -f '${Status}' "$p" 2>/dev/null)" = "install ok installed" ] || missing+=("$p")
   done
   [ ${#missing[@]} -eq 0 ] && return 0
   command -v apt-get >/dev/null || die "the real node needs ${missing[*]}: install them (Debian/Ubuntu package names), or set MODELFLEET_REAL_NODE=0"
@@ -129,7 +129,7 @@ node_network_up() {
     nsx ip addr add "$node_ip/24" dev "$bridge"
     nsx ip link set "$bridge" up
   fi
-  if ! nsx ip -4 addr show dev "$veth_node" | grep -q "$link_node_ip/"; then
+  if ! grep -q "$link_node_ip/" <<<"$(nsx ip -4 addr show dev "$veth_node")"; then
     nsx ip addr add "$link_node_ip/30" dev "$veth_node"
     nsx ip link set "$veth_node" up
   fi
@@ -211,6 +211,7 @@ node_configs() {
   node_cert kube-proxy system:kube-proxy
   node_kubeconfig kubelet | write_if_changed "$ndir/kubelet.kubeconfig" || true
   node_kubeconfig kube-proxy | write_if_changed "$ndir/kube-proxy.kubeconfig" || true
+  pause_image=$(node_pause_image)
 
   write_if_changed "$ndir/containerd.toml" <<EOF || true
 version = 2
@@ -222,7 +223,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
 [plugins."io.containerd.internal.v1.opt"]
   path = "$nroot/containerd/opt"
 [plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "$(node_pause_image)"
+  sandbox_image = "$pause_image"
   # root here lacks CAP_SYS_RESOURCE: without this every sandbox fails ("can't get final child's PID from pipe")
   restrict_oom_score_adj = true
   # the pods' network namespaces under our state directory, not the machine's /run/netns
@@ -244,7 +245,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         Root = "$nroot/containerd/runc"
 EOF
 
-  # containerd's CRI plugin sets up each pod's lo itself, with the loopback plugin from bin_dir.
+  # Pods get routes to the pod range, the Service range and the link (replies to the host), no default
+  # route. containerd's CRI plugin sets up each pod's lo itself, with the loopback plugin from bin_dir.
+  # containerd reloads this directory by itself; pods made before a change keep their old network.
   write_if_changed "$nroot/cni/net.d/10-$cni_net.conflist" <<EOF || true
 {
   "cniVersion": "1.0.0",
@@ -256,7 +259,7 @@ EOF
       "ipam": {
         "type": "host-local", "dataDir": "$nroot/cni/ipam",
         "ranges": [[{"subnet": "$pod_cidr", "gateway": "$node_ip"}]],
-        "routes": [{"dst": "$svc_cidr"}]
+        "routes": [{"dst": "$svc_cidr"}, {"dst": "$link_cidr"}]
       }
     },
     {"type": "portmap", "capabilities": {"portMappings": true}}
@@ -313,17 +316,20 @@ EOF
 
 # ------------------------------------------------------------------------------------------------- images
 
-node_pause_image() {  # MODELFLEET_PAUSE_IMAGE, else hack/images.sh's pause=, else a fixed local name
-  if [ -n "${MODELFLEET_PAUSE_IMAGE:-}" ]; then echo "$MODELFLEET_PAUSE_IMAGE"; return; fi
-  if [ -f "$here/images.sh" ]; then
-    local ref; ref=$(bash "$here/images.sh" refs 2>/dev/null | sed -n 's/^pause=//p' | head -1)
-    [ -n "$ref" ] && { echo "$ref"; return; }
+node_pause_image() {  # MODELFLEET_PAUSE_IMAGE, else hack/images.sh's pause=, else the one used before
+  local ref=${MODELFLEET_PAUSE_IMAGE:-}
+  if [ -z "$ref" ] && [ -f "$here/images.sh" ]; then
+    ref=$(bash "$here/images.sh" refs 2>/dev/null | sed -n 's/^pause=//p' | head -1)
   fi
-  echo "localhost/modelfleet/pause:latest"
+  [ -n "$ref" ] || ref=$(cat "$ndir/pause-image" 2>/dev/null || true)
+  [ -n "$ref" ] || ref=localhost/modelfleet/pause:latest
+  echo "$ref" > "$ndir/pause-image"
+  echo "$ref"
 }
 
 ctr_() { ctr --address "$ctr_sock" -n k8s.io "$@"; }
-has_image() { ctr_ images ls -q 2>/dev/null | grep -qxF "$1"; }
+# (no 'cmd | grep -q' under pipefail: grep's early exit fails the pipeline with SIGPIPE)
+has_image() { grep -qxF "$1" <<<"$(ctr_ images ls -q 2>/dev/null)"; }
 
 # The local-path helper pod's image: busybox from Debian's busybox-static, cached as a tar keyed by its inputs.
 helper_applets=(sh mkdir rm rmdir chmod ls cat)
@@ -371,8 +377,8 @@ node_import_images() {
       break
     done
   fi
-  has_image "$(node_pause_image)" \
-    || log "warning: the pause image $(node_pause_image) is not in the node's containerd: pods cannot start on $node_name (provide it with hack/images.sh, or MODELFLEET_PAUSE_IMAGE plus MODELFLEET_NODE_IMAGE_TARS)"
+  has_image "$pause_image" \
+    || log "warning: the pause image $pause_image is not in the node's containerd: pods cannot start on $node_name (provide it with hack/images.sh, or MODELFLEET_PAUSE_IMAGE plus MODELFLEET_NODE_IMAGE_TARS)"
 }
 
 # ---------------------------------------------------------------------------------------------- processes
@@ -390,6 +396,7 @@ node_start() {  # component [--netns] command...: start it detached unless it ru
     setsid "$@" >>"$cdir/logs/$c.log" 2>&1 </dev/null &
   fi
   echo $! > "$cdir/pids/$c.pid"
+  node_config_sum "$c" > "$ndir/$c.config-sum"
   log "started $c (pid $!, log $cdir/logs/$c.log)"
 }
 
@@ -400,6 +407,25 @@ wait_for() {  # seconds what-for log command...: poll until the command succeeds
     sleep 0.2
   done
   die "$what within ${secs}s: see $logf"
+}
+
+node_config_files() {  # the files a component reads at start
+  case $1 in
+    containerd) echo "$ndir/containerd.toml" ;;
+    kubelet) echo "$ndir/kubelet.yaml $ndir/kubelet.kubeconfig" ;;
+    kube-proxy) echo "$ndir/kube-proxy.yaml $ndir/kube-proxy.kubeconfig" ;;
+  esac
+}
+node_config_sum() { local f; f=$(node_config_files "$1"); [ -z "$f" ] || cat $f | sha256sum | cut -c1-16; }
+
+node_restart_changed() {  # a running component started from other configuration files restarts
+  local c p                # (kube-proxy would exit by itself, and might not have yet)
+  for c in "${node_components[@]}"; do
+    p=$(node_pid "$c"); [ -n "$p" ] || continue
+    [ "$(cat "$ndir/$c.config-sum" 2>/dev/null)" = "$(node_config_sum "$c")" ] && continue
+    log "$c's configuration changed since it started: restarting it"
+    kill_wait "$p"
+  done
 }
 
 node_containerd_up() {
@@ -443,7 +469,7 @@ EOF
 
 node_storage_up() {
   # Applied only when missing: a second 'up' changes nothing (the helper image's hash is in the ConfigMap).
-  if ! kctl -n local-path-storage get configmap local-path-config -o jsonpath='{.data.helperPod\.yaml}' 2>/dev/null | grep -qF "$helper_ref" \
+  if ! grep -qF "$helper_ref" <<<"$(kctl -n local-path-storage get configmap local-path-config -o jsonpath='{.data.helperPod\.yaml}' 2>/dev/null)" \
       || ! kctl get storageclass local-path >/dev/null 2>&1; then
     node_storage_objects | kctl apply -f - >/dev/null || die "could not create the local-path StorageClass and its ConfigMap"
   fi
@@ -468,6 +494,7 @@ node_up() {  # idempotent: starts what is not running, rewrites only what change
   node_network_up
   node_cgroups_up
   node_configs
+  node_restart_changed
   node_containerd_up
   node_import_images
   node_kubelet_up
@@ -524,7 +551,7 @@ cgroup_dirs() {  # every cgroup directory of the pods, deepest first
 shim_pids() {  # containerd's shims for OUR socket (found by their exact -address argument)
   local f
   for f in /proc/[0-9]*/cmdline; do
-    tr '\0' ' ' <"$f" 2>/dev/null | grep -qF -- "-address $ctr_sock " && { f=${f#/proc/}; echo "${f%/cmdline}"; }
+    grep -qF -- "-address $ctr_sock " <<<"$(tr '\0' ' ' <"$f" 2>/dev/null)" && { f=${f#/proc/}; echo "${f%/cmdline}"; }
   done
   return 0
 }
@@ -560,7 +587,15 @@ node_down() {  # stops and removes everything of the node, also when the cluster
   for p in /var/log/containers/*.log; do
     [ -L "$p" ] && case "$(readlink "$p")" in "$nroot"/*) rm -f "$p" ;; esac
   done
-  rm -f /var/lib/cni/results/"$cni_net"-* 2>/dev/null || true
+  # libcni caches each pod's result in the machine's /var/lib/cni/results (containerd 1.6 cannot move it):
+  # our network's entries, and the loopback entries of the same sandboxes.
+  local f id
+  for f in /var/lib/cni/results/"$cni_net"-*; do
+    [ -e "$f" ] || continue
+    id=${f#/var/lib/cni/results/"$cni_net"-}; id=${id%-eth0}
+    rm -f "$f" "/var/lib/cni/results/cni-loopback-$id-lo"
+  done
+  rmdir /run/containerd/s /run/containerd 2>/dev/null || true  # only when no other containerd uses them
   rm -rf "$nroot"
   for c in "${node_components[@]}"; do rm -f "$cdir/pids/$c.pid"; done
 }
