@@ -435,7 +435,7 @@ node_containerd_up() {
 
 node_kubelet_up() {
   node_start kubelet --netns "$bin/kubelet" --config "$ndir/kubelet.yaml" --kubeconfig "$ndir/kubelet.kubeconfig" \
-    --root-dir "$nroot/kubelet" --node-ip "$node_ip" --hostname-override "$node_name" \
+    --root-dir "$nroot/kubelet" --cert-dir "$nroot/kubelet/pki" --node-ip "$node_ip" --hostname-override "$node_name" \
     --node-labels "modelfleet.io/real-node=true" --v=1
 }
 
@@ -595,7 +595,21 @@ node_down() {  # stops and removes everything of the node, also when the cluster
     id=${f#/var/lib/cni/results/"$cni_net"-}; id=${id%-eth0}
     rm -f "$f" "/var/lib/cni/results/cni-loopback-$id-lo"
   done
-  rmdir /run/containerd/s /run/containerd 2>/dev/null || true  # only when no other containerd uses them
   rm -rf "$nroot"
+  node_machine_dirs_down
   for c in "${node_components[@]}"; do rm -f "$cdir/pids/$c.pid"; done
+}
+
+node_machine_dirs_down() {  # the machine-wide directories a node creates, once no other cluster's node needs them
+  [ -d /var/lib/modelfleet ] || return 0
+  exec {lock}>/var/lib/modelfleet/.slots.lock
+  flock "$lock"
+  if [ -z "$(ls -A /var/lib/modelfleet | grep -vx .slots.lock)" ]; then
+    # kubelet's device-plugin socket is fixed (/var/lib/kubelet/device-plugins/kubelet.sock)
+    rm -f /var/lib/kubelet/device-plugins/kubelet.sock
+    rmdir /var/lib/kubelet/device-plugins /var/lib/kubelet /var/lib/cni/results /var/lib/cni \
+      /run/containerd/s /run/containerd /var/log/containers 2>/dev/null || true  # each only when empty
+    rm -f /var/lib/modelfleet/.slots.lock; rmdir /var/lib/modelfleet 2>/dev/null || true
+  fi
+  exec {lock}>&-
 }
