@@ -551,7 +551,7 @@ cgroup_dirs() {  # every cgroup directory of the pods, deepest first
 shim_pids() {  # containerd's shims for OUR socket (found by their exact -address argument)
   local f
   for f in /proc/[0-9]*/cmdline; do
-    grep -qF -- "-address $ctr_sock " <<<"$(tr '\0' ' ' <"$f" 2>/dev/null)" && { f=${f#/proc/}; echo "${f%/cmdline}"; }
+    grep -qF -- "-address $ctr_sock " <<<"$(tr '\0' ' ' 2>/dev/null <"$f")" && { f=${f#/proc/}; echo "${f%/cmdline}"; }
   done
   return 0
 }
