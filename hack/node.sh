@@ -118,11 +118,10 @@ node_network_up() {
   [ -e "/run/netns/$netns" ] || ip netns add "$netns"
   if ! ip link show "$veth_host" >/dev/null 2>&1; then
     ip link add "$veth_host" type veth peer name "$veth_node" netns "$netns"
+    sysctl -qw "net.ipv6.conf.$veth_host.disable_ipv6=1"  # IPv4 only: no link-local path either
     ip addr add "$api_ip/30" dev "$veth_host"
     ip link set "$veth_host" up
   fi
-  ip route replace "$pod_cidr" via "$link_node_ip" dev "$veth_host"
-  ip route replace "$svc_cidr" via "$link_node_ip" dev "$veth_host"
   nsx ip link set lo up
   if ! nsx ip link show "$bridge" >/dev/null 2>&1; then
     nsx ip link add "$bridge" type bridge
@@ -133,7 +132,12 @@ node_network_up() {
     nsx ip addr add "$link_node_ip/30" dev "$veth_node"
     nsx ip link set "$veth_node" up
   fi
-  nsx sysctl -qw net.ipv4.ip_forward=1 net.bridge.bridge-nf-call-iptables=1
+  # The host reaches pods and ClusterIPs through the namespace (and an unknown ClusterIP never leaves
+  # the machine by the default route).
+  ip route replace "$pod_cidr" via "$link_node_ip" dev "$veth_host"
+  ip route replace "$svc_cidr" via "$link_node_ip" dev "$veth_host"
+  nsx sysctl -qw net.ipv4.ip_forward=1 net.bridge.bridge-nf-call-iptables=1 \
+    net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1
   node_firewall
 }
 
@@ -409,14 +413,14 @@ wait_for() {  # seconds what-for log command...: poll until the command succeeds
   die "$what within ${secs}s: see $logf"
 }
 
-node_config_files() {  # the files a component reads at start
+node_config_sum() {  # what a component reads at start
   case $1 in
-    containerd) echo "$ndir/containerd.toml" ;;
-    kubelet) echo "$ndir/kubelet.yaml $ndir/kubelet.kubeconfig" ;;
-    kube-proxy) echo "$ndir/kube-proxy.yaml $ndir/kube-proxy.kubeconfig" ;;
-  esac
+    containerd) cat "$ndir/containerd.toml" ;;
+    kubelet) cat "$ndir/kubelet.yaml" "$ndir/kubelet.kubeconfig" ;;
+    kube-proxy) cat "$ndir/kube-proxy.yaml" "$ndir/kube-proxy.kubeconfig" ;;
+    local-path-provisioner) printf '%s' "$helper_ref" ;;  # its helper pod comes from the ConfigMap, read once
+  esac | sha256sum | cut -c1-16
 }
-node_config_sum() { local f; f=$(node_config_files "$1"); [ -z "$f" ] || cat $f | sha256sum | cut -c1-16; }
 
 node_restart_changed() {  # a running component started from other configuration files restarts
   local c p                # (kube-proxy would exit by itself, and might not have yet)
