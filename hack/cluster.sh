@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# The local cluster for tests and the demo: real Kubernetes binaries plus KWOK nodes and pods, no containers.
+# The local cluster for tests and the demo: real Kubernetes binaries, KWOK's fake GPU nodes, and one real
+# CPU node (containerd + kubelet + kube-proxy, see hack/node.sh; MODELFLEET_REAL_NODE=0 leaves it out and
+# keeps fake CPU nodes instead).
 # Usage: hack/cluster.sh up|down|status|kubeconfig
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -13,6 +15,7 @@ export KWOK_WORKDIR="$cache/kwok"
 cdir="$KWOK_WORKDIR/clusters/$name"
 kubeconfig="$cdir/kubeconfig.yaml"
 components=(etcd kube-apiserver kube-controller-manager kube-scheduler kwok-controller)
+real_node=${MODELFLEET_REAL_NODE:-1}
 
 log() { printf '[cluster] %s\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
@@ -43,15 +46,54 @@ component_pid() {  # pid of a live component of this cluster, or nothing
   return 0
 }
 
-stages="$here/kwok/config.yaml"
-stages_sum=$(sha256sum "$stages" | cut -c1-16)
-exists() { [ -f "$cdir/kwok.yaml" ]; }
-current() { [ "$(cat "$cdir/stages.sum" 2>/dev/null)" = "$stages_sum" ]; }
+# shellcheck source=node.sh
+source "$here/node.sh"
 
-healthy() {
+stages="$here/kwok/config.yaml"
+
+# kwokctl's own configuration. kube-controller-manager and kube-scheduler run without leader election:
+# each is alone, and with it they exit as soon as they cannot renew their lease, i.e. whenever the
+# apiserver restarts. kwok-controller manages only the fake nodes (annotation kwok.x-k8s.io/node=fake, see
+# hack/fleet.py), never the real one. The real node adds its apiserver settings (hack/node.sh).
+kwokctl_config() {
+  cat <<EOF
+apiVersion: config.kwok.x-k8s.io/v1alpha1
+kind: KwokctlConfiguration
+EOF
+  [ "$real_node" = 1 ] && node_kwokctl_options
+  cat <<EOF
+componentsPatches:
+- name: kube-controller-manager
+  extraArgs:
+  - {key: leader-elect, value: "false"}
+- name: kube-scheduler
+  extraArgs:
+  - {key: leader-elect, value: "false"}
+- name: kwok-controller
+  extraArgs:
+  - {key: manage-all-nodes, value: "false", override: true}
+  - {key: manage-nodes-with-annotation-selector, value: kwok.x-k8s.io/node=fake}
+EOF
+  [ "$real_node" = 1 ] && node_kwokctl_patches
+  return 0
+}
+
+config_sum() {  # what the cluster was created from: a change recreates it
+  { cat "$stages"; kwokctl_config; } | sha256sum | cut -c1-16
+}
+exists() { [ -f "$cdir/kwok.yaml" ]; }
+current() { [ "$(cat "$cdir/stages.sum" 2>/dev/null)" = "$(config_sum)" ]; }
+
+control_plane_healthy() {
   local c
   for c in "${components[@]}"; do [ -n "$(component_pid "$c")" ] || return 1; done
   kctl get --raw /readyz >/dev/null 2>&1
+}
+
+healthy() {
+  control_plane_healthy || return 1
+  [ "$real_node" = 1 ] || return 0
+  node_healthy
 }
 
 ensure_binaries() {
@@ -59,12 +101,24 @@ ensure_binaries() {
   for c in kube-apiserver kube-controller-manager kube-scheduler kwok kwokctl etcd kubectl helm; do
     [ -s "$bin/$c" ] || missing=1
   done
+  if [ "$real_node" = 1 ]; then
+    for c in kubelet kube-proxy "local-path-provisioner-$LOCAL_PATH_PROVISIONER_VERSION"; do [ -s "$bin/$c" ] || missing=1; done
+  fi
   [ $missing -eq 0 ] || bash "$here/build-binaries.sh" >/dev/null
 }
 
 apply_fleet() {
-  python3 "$here/fleet.py" "${MODELFLEET_FLEET_SCALE:-1}" | kctl apply -f - >/dev/null
-  local want; want=$(python3 "$here/fleet.py" "${MODELFLEET_FLEET_SCALE:-1}" | grep -c '"kind": "Node"')
+  local args=("${MODELFLEET_FLEET_SCALE:-1}")
+  [ "$real_node" = 1 ] && args+=(--no-cpu-nodes)  # the real node is the cpu architecture
+  local fleet; fleet=$(python3 "$here/fleet.py" "${args[@]}")
+  kctl apply -f - <<<"$fleet" >/dev/null
+  # Fake nodes no longer in the fleet (the fake CPU nodes, once the real node is there) go.
+  local n keep; keep=$(python3 -c 'import json,sys; print("\n".join(i["metadata"]["name"] for i in json.load(sys.stdin)["items"]))' <<<"$fleet")
+  for n in $(kctl get nodes -l type=kwok -o name); do
+    grep -qx "${n#node/}" <<<"$keep" || kctl delete "$n" --wait=false >/dev/null
+  done
+  local want; want=$(grep -c '"kind": "Node"' <<<"$fleet")
+  [ "$real_node" = 1 ] && want=$((want + 1))
   local i
   for i in $(seq 1 60); do
     [ "$(kctl get nodes --no-headers 2>/dev/null | grep -cw Ready)" -ge "$want" ] && return 0
@@ -73,41 +127,64 @@ apply_fleet() {
   die "the fake nodes did not become Ready within 60s: see 'hack/cluster.sh status' and $cdir/logs/kwok-controller.log"
 }
 
+create_cluster() {
+  local owner; owner=$(port_owner "$port")
+  [ -z "$owner" ] || die "port $port (kube-apiserver) is already in use by $owner: stop it, or set MODELFLEET_APISERVER_PORT to a free port"
+  [ "$real_node" = 1 ] && node_prepare
+  log "starting cluster '$name' (Kubernetes $KUBE_VERSION, kwok $KWOK_VERSION) on 127.0.0.1:$port"
+  local out conf; conf=$(mktemp --suffix=.yaml)
+  kwokctl_config > "$conf"
+  if ! out=$("$bin/kwokctl" create cluster --name "$name" --runtime binary \
+      --kube-apiserver-port "$port" \
+      --kube-apiserver-binary "$bin/kube-apiserver" \
+      --kube-controller-manager-binary "$bin/kube-controller-manager" \
+      --kube-scheduler-binary "$bin/kube-scheduler" \
+      --kwok-controller-binary "$bin/kwok" \
+      --etcd-binary "$bin/etcd" \
+      --config "$stages" --config "$conf" \
+      --kubeconfig "$cdir.kubeconfig-merge" \
+      --wait 120s 2>&1); then
+    rm -f "$conf"
+    printf '%s\n' "$out" >&2
+    if grep -qi 'address already in use' <<<"$out"; then
+      die "a port that cluster '$name' needs is already in use: $(grep -oi '[0-9.]*:[0-9]*: bind: address already in use' <<<"$out" | head -1)"
+    fi
+    die "kwokctl could not create cluster '$name' (output above; logs in $cdir/logs)"
+  fi
+  rm -f "$conf"
+  config_sum > "$cdir/stages.sum"
+}
+
+repair_control_plane() {  # restarts only the dead components: the cluster's objects stay
+  local c dead=()
+  for c in "${components[@]}"; do
+    # kwokctl takes a zombie for a running process: forget the pid of a dead one
+    if [ -z "$(component_pid "$c")" ]; then dead+=("$c"); rm -f "$cdir/pids/$c.pid"; fi
+  done
+  log "cluster '$name': restarting ${dead[*]:-nothing (the apiserver was not ready)}"
+  "$bin/kwokctl" start cluster --name "$name" >"$cdir/logs/kwokctl-start.log" 2>&1 \
+    || die "kwokctl could not restart ${dead[*]} of cluster '$name': see $cdir/logs/kwokctl-start.log and $cdir/logs/"
+  local i
+  for i in $(seq 1 120); do control_plane_healthy && return 0; sleep 0.5; done
+  die "cluster '$name' is still not healthy after restarting ${dead[*]}: see 'hack/cluster.sh status' and $cdir/logs/"
+}
+
 cmd_up() {
   local t0=$SECONDS
   ensure_binaries
-  if exists && healthy && current; then
-    log "cluster '$name' is already running"
-  else
-    if exists && ! current; then
-      log "hack/kwok/config.yaml changed since cluster '$name' was created: recreating it"
-      cmd_down >/dev/null
-    elif exists; then
-      log "cluster '$name' exists but is not healthy: recreating it"
-      cmd_down >/dev/null
-    fi
-    local owner; owner=$(port_owner "$port")
-    [ -z "$owner" ] || die "port $port (kube-apiserver) is already in use by $owner: stop it, or set MODELFLEET_APISERVER_PORT to a free port"
-    log "starting cluster '$name' (Kubernetes $KUBE_VERSION, kwok $KWOK_VERSION) on 127.0.0.1:$port"
-    local out
-    if ! out=$("$bin/kwokctl" create cluster --name "$name" --runtime binary \
-        --kube-apiserver-port "$port" \
-        --kube-apiserver-binary "$bin/kube-apiserver" \
-        --kube-controller-manager-binary "$bin/kube-controller-manager" \
-        --kube-scheduler-binary "$bin/kube-scheduler" \
-        --kwok-controller-binary "$bin/kwok" \
-        --etcd-binary "$bin/etcd" \
-        --config "$stages" \
-        --kubeconfig "$cdir.kubeconfig-merge" \
-        --wait 120s 2>&1); then
-      printf '%s\n' "$out" >&2
-      if grep -qi 'address already in use' <<<"$out"; then
-        die "a port that cluster '$name' needs is already in use: $(grep -oi '[0-9.]*:[0-9]*: bind: address already in use' <<<"$out" | head -1)"
-      fi
-      die "kwokctl could not create cluster '$name' (output above; logs in $cdir/logs)"
-    fi
-    echo "$stages_sum" > "$cdir/stages.sum"
+  if exists && ! current; then
+    log "hack/kwok/config.yaml or the cluster's settings changed since cluster '$name' was created: recreating it"
+    cmd_down >/dev/null
   fi
+  if exists && healthy; then
+    log "cluster '$name' is already running"
+  elif exists; then
+    control_plane_healthy || repair_control_plane
+  else
+    [ ! -d "$cdir" ] || cmd_down >/dev/null  # a half-made cluster (no kwok.yaml)
+    create_cluster
+  fi
+  if [ "$real_node" = 1 ]; then node_up; fi
   apply_fleet
   log "ready in $((SECONDS - t0))s; kubeconfig: $kubeconfig"
 }
@@ -119,6 +196,7 @@ cluster_ports() {  # every port the cluster's components listen on, from kwokctl
 
 cmd_down() {
   local ports pids c
+  node_down  # always: it finds the node's pieces from the cluster's name, even without its directory
   ports=$(cluster_ports)
   pids=$(cat "$cdir"/pids/*.pid 2>/dev/null || true)
   if [ -d "$cdir" ]; then
@@ -157,9 +235,10 @@ cmd_status() {
     if [ -n "$pid" ]; then printf '  %-24s running (pid %s)\n' "$c" "$pid"
     else printf '  %-24s DEAD (see %s)\n' "$c" "$cdir/logs/$c.log"; bad=1; fi
   done
+  if [ "$real_node" = 1 ]; then node_status || bad=1; fi
   if kctl get --raw /readyz >/dev/null 2>&1; then
     echo "  apiserver /readyz        ok (https://127.0.0.1:$port)"
-    kctl get nodes -L nvidia.com/gpu.product,nvidia.com/gpu.compute.major,nvidia.com/gpu.compute.minor 2>/dev/null | sed 's/^/  /'
+    kctl get nodes -L modelfleet.io/real-node,nvidia.com/gpu.product,nvidia.com/gpu.compute.major,nvidia.com/gpu.compute.minor 2>/dev/null | sed 's/^/  /'
   else
     echo "  apiserver /readyz        NOT READY"; bad=1
   fi

@@ -1,4 +1,8 @@
-"""Renders the fake GPU fleet of the local cluster: KWOK nodes carrying GPU Feature Discovery labels."""
+"""Renders the fake GPU fleet of the local cluster: KWOK nodes carrying GPU Feature Discovery labels.
+
+Usage: fleet.py [SCALE] [--no-cpu-nodes]. With the real node (hack/node.sh), which is the cluster's cpu
+architecture, hack/cluster.sh passes --no-cpu-nodes: only the GPU architectures stay fake.
+"""
 
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ def node(
         "kind": "Node",
         "metadata": {
             "name": name,
-            # kwokctl's controller manages only nodes with this annotation.
+            # kwok-controller manages only nodes with this annotation (hack/cluster.sh), so never the real one.
             "annotations": {"kwok.x-k8s.io/node": "fake", "node.alpha.kubernetes.io/ttl": "0"},
             "labels": {
                 "kubernetes.io/arch": "amd64",
@@ -62,19 +66,21 @@ def gpu_node(
     return node(f"gpu-{prefix}-{index}", labels=labels, gpus=gpus, taints=taints, index=serial)
 
 
-def fleet(scale: int = 1) -> list[dict[str, object]]:
+def fleet(scale: int = 1, *, cpu_nodes: int = CPU_NODES) -> list[dict[str, object]]:
     kinds = [(k, i) for k in GPU_KINDS for i in range(k[5] * scale)]
     nodes = [
         gpu_node(prefix, i, product=product, major=major, minor=minor, gpus=gpus, serial=serial)
         for serial, ((prefix, product, major, minor, gpus, _), i) in enumerate(kinds)
     ]
-    nodes += [node(f"cpu-{i}", labels={}, gpus=0, taints=[], index=len(kinds) + i) for i in range(CPU_NODES)]
+    nodes += [node(f"cpu-{i}", labels={}, gpus=0, taints=[], index=len(kinds) + i) for i in range(cpu_nodes)]
     return nodes
 
 
 def main(argv: list[str]) -> int:
-    scale = int(argv[0]) if argv else 1
-    print(json.dumps({"apiVersion": "v1", "kind": "List", "items": fleet(scale)}, indent=1))
+    args = [a for a in argv if a != "--no-cpu-nodes"]
+    scale = int(args[0]) if args else 1
+    cpu_nodes = 0 if "--no-cpu-nodes" in argv else CPU_NODES
+    print(json.dumps({"apiVersion": "v1", "kind": "List", "items": fleet(scale, cpu_nodes=cpu_nodes)}, indent=1))
     return 0
 
 

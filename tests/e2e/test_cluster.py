@@ -39,7 +39,7 @@ def test_every_gpu_architecture_is_listed_with_its_labels(cluster: Cluster) -> N
         ready = {c["type"]: c["status"] for c in node["status"]["conditions"]}
         assert ready["Ready"] == "True", f"{node['metadata']['name']} is not Ready"
     cpu_only = [n for n in nodes if "nvidia.com/gpu" not in n["status"]["capacity"]]
-    assert len(cpu_only) >= 2
+    assert len(cpu_only) >= 1  # the real node (hack/node.sh), or fake CPU nodes with MODELFLEET_REAL_NODE=0
 
 
 def test_a_job_pinned_to_compute_major_9_lands_on_an_h100_and_completes(cluster: Cluster, namespace: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -118,6 +119,27 @@ def test_status_reports_a_dead_component_and_up_repairs_it_and_down_leaves_nothi
 
         assert run(CLUSTER_SH, "up", env=env).returncode == 0
         assert run(CLUSTER_SH, "status", env=env).returncode == 0
+
+        # kube-controller-manager and kube-scheduler outlive an apiserver restart (longer than a lease's renew
+        # deadline), and 'up' restarts only what is dead: the cluster's objects stay.
+        kubectl = [
+            str(Path(run(CLUSTER_SH, "bin-dir", env=env).stdout.strip()) / "kubectl"),
+            "--kubeconfig",
+            str(kubeconfig),
+        ]
+        subprocess.run([*kubectl, "create", "namespace", "survivor"], check=True, capture_output=True)
+        survivors = {
+            c: int((state / "pids" / f"{c}.pid").read_text()) for c in ("kube-controller-manager", "kube-scheduler")
+        }
+        os.kill(int((state / "pids" / "kube-apiserver.pid").read_text()), 9)
+        if (state / "pids" / "kubelet.pid").exists():
+            os.kill(int((state / "pids" / "kubelet.pid").read_text()), 9)
+        time.sleep(15)
+        assert all(_alive(p) for p in survivors.values())
+        assert run(CLUSTER_SH, "up", env=env).returncode == 0
+        assert run(CLUSTER_SH, "status", env=env).returncode == 0
+        assert {c: int((state / "pids" / f"{c}.pid").read_text()) for c in survivors} == survivors
+        subprocess.run([*kubectl, "get", "namespace", "survivor"], check=True, capture_output=True)
         pids = {int(p.read_text()) for p in (state / "pids").glob("*.pid")}
         ports = listening_ports(pids)
         assert free in ports
@@ -127,3 +149,9 @@ def test_status_reports_a_dead_component_and_up_repairs_it_and_down_leaves_nothi
     assert not state.exists()
     assert not [p for p in pids if _alive(p)]
     assert not listening_ports({int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()}) & ports
+    # The real node's pieces (hack/node.sh) are gone too: its namespace, state, mounts and pod cgroups.
+    name = env["MODELFLEET_CLUSTER_NAME"]
+    assert not Path(f"/run/netns/modelfleet-{name}").exists()
+    assert not Path(f"/var/lib/modelfleet/{name}").exists()
+    assert f"/var/lib/modelfleet/{name}/" not in Path("/proc/self/mountinfo").read_text()
+    assert not list(Path("/sys/fs/cgroup").glob(f"*/modelfleet-{name}"))
