@@ -5,15 +5,19 @@
 #   docker build --target runtime     -t modelfleet-runtime:0.1.0 .
 #   docker build --target runtime-gpu -t modelfleet-runtime-gpu:0.1.0 .
 # Python packages are exactly uv.lock's, as requirements/<image>.txt with hashes (`make lock` exports them).
-# WHEELS, when set, names a folder of those wheels mounted into the build: nothing is then fetched.
+# WHEELS, when set, names a folder of those wheels mounted into the build: nothing is then fetched. Each stage
+# that installs declares it again: BuildKit hands a stage's ARGs to the stages built on it, buildah does not.
 # runtime-gpu starts from NVIDIA's TensorRT image and is not built on the project's machines (no GPU, no
 # registry); note that its requirement set still holds both onnxruntime and onnxruntime-gpu (issue 17).
+# Nothing writes at run time, so the root filesystem can be read-only: the wheels' .py files are compiled at
+# install, and ORT_DISABLE_TELEMETRY keeps ONNX Runtime from writing a device ID under $HOME at import.
 ARG BASE_IMAGE=python:3.11-slim
 ARG GPU_BASE_IMAGE=nvcr.io/nvidia/tensorrt:25.10-py3
+ARG WHEELS=
 
 FROM ${BASE_IMAGE} AS base
-ARG WHEELS=
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    ORT_DISABLE_TELEMETRY=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY requirements ./requirements
@@ -21,6 +25,7 @@ COPY operator ./operator
 COPY runtime ./runtime
 
 FROM base AS operator
+ARG WHEELS
 RUN pip install --quiet ${WHEELS:+--no-index --find-links "$WHEELS"} --require-hashes --no-deps \
         -r requirements/operator.txt \
  && pip install --quiet --no-index --no-deps --no-build-isolation . && rm -rf /src
@@ -29,6 +34,7 @@ ENTRYPOINT ["modelfleet"]
 CMD ["operator"]
 
 FROM base AS runtime
+ARG WHEELS
 RUN pip install --quiet ${WHEELS:+--no-index --find-links "$WHEELS"} --require-hashes --no-deps \
         -r requirements/runtime.txt \
  && pip install --quiet --no-index --no-deps --no-build-isolation . && rm -rf /src
@@ -37,7 +43,8 @@ ENTRYPOINT ["modelfleet"]
 CMD ["serve", "--help"]
 
 FROM ${GPU_BASE_IMAGE} AS runtime-gpu
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    ORT_DISABLE_TELEMETRY=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY requirements ./requirements

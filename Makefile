@@ -14,7 +14,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml uv.lock | sha256sum | cut
 
 .DEFAULT_GOAL := help
 .PHONY: help install lock test-latest test lint unit e2e demo manifests cluster-up cluster-down cluster-status \
-        cluster-kubeconfig bench-runtime bench-build bench-int8 bench-autoscale bench-http bench-operator clean
+        cluster-kubeconfig images bench-runtime bench-build bench-int8 bench-autoscale bench-http bench-operator clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -74,6 +74,9 @@ cluster-status: ## report each component of the local cluster, and the nodes
 
 cluster-kubeconfig: ## print the local cluster's kubeconfig path (use with make -s)
 	@bash hack/cluster.sh kubeconfig
+
+images: ## build the operator, runtime and pause images without a registry (cached in ~/.cache/modelfleet/images)
+	@bash hack/images.sh build
 
 demo: $(STAMP) ## the whole story on the local cluster
 	@bash hack/demo.sh

@@ -1,0 +1,3 @@
+module modelfleet.local/pause
+
+go 1.21
