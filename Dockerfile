@@ -18,6 +18,10 @@ ARG WHEELS=
 FROM ${BASE_IMAGE} AS base
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     ORT_DISABLE_TELEMETRY=1
+# The non-root user the pods run as needs a name: getpass.getuser() (kopf's identity, among others)
+# raises for a uid without a passwd entry.
+RUN echo 'nonroot:x:65532:65532:nonroot:/nonexistent:/usr/sbin/nologin' >> /etc/passwd \
+ && echo 'nonroot:x:65532:' >> /etc/group
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY requirements ./requirements
@@ -45,6 +49,8 @@ CMD ["serve", "--help"]
 FROM ${GPU_BASE_IMAGE} AS runtime-gpu
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     ORT_DISABLE_TELEMETRY=1
+RUN echo 'nonroot:x:65532:65532:nonroot:/nonexistent:/usr/sbin/nologin' >> /etc/passwd \
+ && echo 'nonroot:x:65532:' >> /etc/group
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY requirements ./requirements

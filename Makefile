@@ -13,7 +13,7 @@ export UV_PYTHON ?= python3
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml uv.lock | sha256sum | cut -c1-12)
 
 .DEFAULT_GOAL := help
-.PHONY: help install lock test-latest test lint unit e2e demo manifests cluster-up cluster-down cluster-status \
+.PHONY: help install lock test-latest test lint unit e2e e2e-real demo manifests cluster-up cluster-down cluster-status \
         cluster-kubeconfig images bench-runtime bench-build bench-int8 bench-autoscale bench-http bench-operator clean
 
 help: ## list the targets
@@ -54,11 +54,15 @@ lint: $(STAMP) ## ruff, mypy, the import layers, and the lock against pyproject.
 unit: $(STAMP) ## fast tests (no cluster)
 	$(VENV)/bin/pytest -m "not e2e"
 
-e2e: $(STAMP) ## tests on the local cluster (starts it when it is not running)
-	$(VENV)/bin/pytest -m e2e
+e2e: $(STAMP) ## tests on the local cluster (starts it when it is not running), the operator as a process
+	$(VENV)/bin/pytest -m "e2e and not realnode"
 
-test: lint $(STAMP) ## everything: lint, unit and end-to-end tests
-	$(VENV)/bin/pytest
+e2e-real: $(STAMP) ## the project's images as real pods, the operator installed in the cluster by Helm
+	$(VENV)/bin/pytest -m realnode
+
+test: lint $(STAMP) ## everything: lint, unit and end-to-end tests (two sessions: one operator at a time)
+	$(VENV)/bin/pytest -m "not realnode"
+	$(VENV)/bin/pytest -m realnode
 
 manifests: $(STAMP) ## regenerate the CRD from the pydantic models
 	$(PY) -m modelfleet_operator.crdgen --output crds/inferencemodel.yaml --output helm/modelfleet/crds/inferencemodel.yaml
@@ -75,8 +79,9 @@ cluster-status: ## report each component of the local cluster, and the nodes
 cluster-kubeconfig: ## print the local cluster's kubeconfig path (use with make -s)
 	@bash hack/cluster.sh kubeconfig
 
-images: ## build the operator, runtime and pause images without a registry (cached in ~/.cache/modelfleet/images)
+images: ## build the operator, runtime and pause images without a registry (cached), load them into a running cluster
 	@bash hack/images.sh build
+	@if bash hack/cluster.sh status >/dev/null 2>&1; then bash hack/cluster.sh load-images; fi
 
 demo: $(STAMP) ## the whole story on the local cluster
 	@bash hack/demo.sh

@@ -251,5 +251,6 @@ case "${1:-}" in
   status) cmd_status ;;
   kubeconfig) echo "$kubeconfig" ;;
   bin-dir) echo "$bin" ;;
-  *) echo "usage: $0 up|down|status|kubeconfig|bin-dir" >&2; exit 2 ;;
+  load-images) exists || die "cluster '$name' is not created"; node_load_project_images ;;
+  *) echo "usage: $0 up|down|status|kubeconfig|bin-dir|load-images" >&2; exit 2 ;;
 esac

@@ -183,6 +183,7 @@ cmd_build() {
   local start built=false; start=$(date +%s)
   for item in "${items[@]}"; do
     read -r name h <<<"$item"
+    [ $# -eq 0 ] || [[ " $* " == *" $name "* ]] || continue  # `build pause`: only the images named
     t0=$SECONDS; tar=$images/$name-$h.tar; state=cached
     if [ ! -s "$tar" ] || [ ! -s "$images/$name-$h.id" ]; then
       state=built built=true; log "building $name ($h)"
@@ -211,7 +212,9 @@ cmd_load() {  # socket
   for item in "${items[@]}"; do
     read -r name h <<<"$item"
     ref=$(ref_of "$name" "$h")
-    [ -s "$images/$name-$h.tar" ] || die "no $name image for the current sources: run 'make images' first"
+    if [ ! -s "$images/$name-$h.tar" ]; then  # not fatal: the node runs without it until `make images`
+      echo "$name $ref not built for the current sources: run 'make images'" >&2; continue
+    fi
     want=$(cat "$images/$name-$h.id")
     digest=$("${c[@]}" images ls "name==$ref" 2>/dev/null | awk 'NR > 1 {print $3}')
     have=
@@ -233,8 +236,8 @@ cmd_refs() {
 }
 
 case ${1:-build} in
-  build) cmd_build ;;
+  build) shift || true; cmd_build "$@" ;;
   load) shift; cmd_load "$@" ;;
   refs) cmd_refs ;;
-  *) die "usage: images.sh [build|load SOCKET|refs]" ;;
+  *) die "usage: images.sh [build [pause|operator|runtime ...]|load SOCKET|refs]" ;;
 esac

@@ -361,6 +361,16 @@ node_helper_image() {
   rm -rf "$ctx"
 }
 
+node_load_project_images() {  # the pause image (built here: no pod starts without it), and the project's
+  [ -f "$here/images.sh" ] || return 0  # images when `make images` built them; what the node holds is skipped
+  bash "$here/images.sh" build pause >"$cdir/logs/images-build.log" 2>&1 \
+    || die "could not build the pause image: see $cdir/logs/images-build.log"
+  bash "$here/images.sh" load "$ctr_sock" >"$cdir/logs/images-load.log" 2>&1 \
+    || die "hack/images.sh load failed: see $cdir/logs/images-load.log"
+  grep -q "not built" "$cdir/logs/images-load.log" && log "$(grep 'not built' "$cdir/logs/images-load.log" | head -1)"
+  return 0
+}
+
 node_import_images() {
   local tar ref refs
   has_image "$helper_ref" || ctr_ images import "$helper_tar" >/dev/null || die "could not import $helper_tar into the node's containerd (log: $cdir/logs/containerd.log)"
@@ -371,16 +381,7 @@ node_import_images() {
     [ -n "$ref" ] && [ $missing -eq 0 ] && continue
     ctr_ images import "$tar" >/dev/null || die "could not import $tar into the node's containerd"
   done
-  if [ -f "$here/images.sh" ]; then  # the project's images (built by hack/images.sh): load when any is missing
-    refs=$(bash "$here/images.sh" refs 2>/dev/null | sed -n 's/^[a-z0-9_-]*=//p')
-    for ref in $refs; do
-      has_image "$ref" && continue
-      log "loading the project's images into the node (hack/images.sh load)"
-      bash "$here/images.sh" load "$ctr_sock" >"$cdir/logs/images-load.log" 2>&1 \
-        || die "hack/images.sh load failed: see $cdir/logs/images-load.log"
-      break
-    done
-  fi
+  node_load_project_images
   has_image "$pause_image" \
     || log "warning: the pause image $pause_image is not in the node's containerd: pods cannot start on $node_name (provide it with hack/images.sh, or MODELFLEET_PAUSE_IMAGE plus MODELFLEET_NODE_IMAGE_TARS)"
 }

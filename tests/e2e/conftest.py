@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import socket
@@ -195,7 +196,8 @@ RELEASE = "modelfleet"
 
 @pytest.fixture(scope="session")
 def helm_release(cluster: Cluster, inferencemodel_crd: Path) -> str:
-    """The chart installed with the real helm binary (its operator pod is KWOK's; no container runs)."""
+    """The chart installed with the real helm binary. Its operator pod is pinned to a KWOK node, where no
+    container runs: these tests run the operator as a process (`operator`); tests/e2e/real/ runs it in-cluster."""
     cluster.helm(
         "upgrade",
         "--install",
@@ -204,6 +206,10 @@ def helm_release(cluster: Cluster, inferencemodel_crd: Path) -> str:
         "--namespace",
         OPERATOR_NAMESPACE,
         "--create-namespace",
+        "--set-json",
+        'nodeSelector={"type":"kwok"}',
+        "--set-json",
+        'tolerations=[{"key":"nvidia.com/gpu","operator":"Exists","effect":"NoSchedule"}]',
         "--wait",
         "--timeout",
         "120s",
@@ -221,3 +227,81 @@ def operator(
     proc.start()
     yield proc
     proc.stop()
+
+
+REAL_NODE_LABEL = "modelfleet.io/real-node"
+RESTRICTED_CONTAINER = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "runAsNonRoot": True,
+    "runAsUser": 65532,
+    "capabilities": {"drop": ["ALL"]},
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
+@dataclass(frozen=True)
+class RealImages:
+    """The project's images, built by `hack/images.sh` and loaded into the real node's containerd."""
+
+    node: str
+    operator: str
+    runtime: str
+
+    def copy_into_claim(self, cluster: Cluster, namespace: str, claim: str, files: dict[str, bytes]) -> None:
+        """Put files into a PVC as a user would: a pod of the runtime image mounts it and `kubectl exec` writes."""
+        pod = f"copy-{claim}"[:63]
+        manifest = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": pod, "namespace": namespace},
+            "spec": {
+                "restartPolicy": "Never",
+                "securityContext": {"runAsNonRoot": True, "runAsUser": 65532, "fsGroup": 65532},
+                "containers": [
+                    {
+                        "name": "copy",
+                        "image": self.runtime,
+                        "imagePullPolicy": "Never",
+                        "command": ["python", "-c", "import time; time.sleep(600)"],
+                        "securityContext": RESTRICTED_CONTAINER,
+                        "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+                    }
+                ],
+                "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": claim}}],
+            },
+        }
+        cluster.kubectl("apply", "-f", "-", input=json.dumps(manifest))
+        cluster.kubectl("-n", namespace, "wait", "--for=condition=Ready", "--timeout=180s", f"pod/{pod}", timeout=200)
+        for name, data in files.items():
+            write = f"import base64, sys; open('/data/{name}', 'wb').write(base64.b64decode(sys.stdin.read()))"
+            cluster.kubectl("-n", namespace, "exec", "-i", pod, "--", "python", "-c", write, input=b64(data))
+        cluster.kubectl("-n", namespace, "delete", "pod", pod, "--wait=true", "--grace-period=0", "--force")
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+@pytest.fixture(scope="session")
+def real_images(cluster: Cluster) -> RealImages:
+    """`make images` (cached by its inputs) loaded into the real node, which must be Ready."""
+    nodes = json.loads(cluster.kubectl("get", "nodes", "-l", f"{REAL_NODE_LABEL}=true", "-o", "json").stdout)["items"]
+    ready = [
+        n["metadata"]["name"]
+        for n in nodes
+        if any(c["type"] == "Ready" and c["status"] == "True" for c in n["status"].get("conditions", []))
+    ]
+    assert ready, "the local cluster has no Ready real node: see 'make cluster-status'"
+    for args in (("images.sh", "build"), ("cluster.sh", "load-images")):
+        proc = subprocess.run(
+            ["bash", str(ROOT / "hack" / args[0]), args[1]], capture_output=True, text=True, timeout=3600, check=False
+        )
+        assert proc.returncode == 0, f"hack/{' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+    refs = dict(
+        line.split("=", 1)
+        for line in subprocess.run(
+            ["bash", str(ROOT / "hack" / "images.sh"), "refs"], capture_output=True, text=True, check=True
+        ).stdout.split()
+    )
+    return RealImages(node=ready[0], operator=refs["operator"], runtime=refs["runtime"])

@@ -115,7 +115,12 @@ def test_a_deployment_of_three_replicas_becomes_available(cluster: Cluster, name
             "selector": {"matchLabels": {"app": "web"}},
             "template": {
                 "metadata": {"labels": {"app": "web"}},
-                "spec": {"containers": [{"name": "web", "image": "nginx"}]},
+                # On the KWOK fleet (tainted GPU nodes), where no container runs: nginx is not on this machine.
+                "spec": {
+                    "containers": [{"name": "web", "image": "nginx"}],
+                    "nodeSelector": {"type": "kwok"},
+                    "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                },
             },
         },
     }
