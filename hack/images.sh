@@ -239,5 +239,6 @@ case ${1:-build} in
   build) shift || true; cmd_build "$@" ;;
   load) shift; cmd_load "$@" ;;
   refs) cmd_refs ;;
-  *) die "usage: images.sh [build [pause|operator|runtime ...]|load SOCKET|refs]" ;;
+  hashes) current | tr ' ' '=' ;;  # name=hash of its inputs: a pod annotation that rolls pods when an image changes
+  *) die "usage: images.sh [build [pause|operator|runtime ...]|load SOCKET|refs|hashes]" ;;
 esac

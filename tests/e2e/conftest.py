@@ -59,6 +59,16 @@ class Cluster:
         return self.run("helm", *args, input=input, check=check, timeout=timeout)
 
 
+def stop_in_cluster_operator(cluster: Cluster) -> None:
+    """An operator left running in the cluster (by `make demo` or the real-node suite) would act on every test's
+    objects: a session starts without it, and runs its own (a process, or the chart's real pod)."""
+    selector = "app.kubernetes.io/name=modelfleet"
+    cluster.kubectl("-n", "modelfleet-system", "scale", "deployment", "-l", selector, "--replicas=0", check=False)
+    cluster.kubectl(
+        "-n", "modelfleet-system", "wait", "--for=delete", "pod", "-l", selector, "--timeout=120s", check=False
+    )
+
+
 def _cluster_sh(*args: str, timeout: float) -> str:
     proc = subprocess.run(
         ["bash", str(CLUSTER_SH), *args], capture_output=True, text=True, timeout=timeout, check=False
@@ -84,6 +94,7 @@ def cluster() -> Iterator[Cluster]:
         kubeconfig=Path(_cluster_sh("kubeconfig", timeout=30)),
         bin_dir=Path(_cluster_sh("bin-dir", timeout=30)),
     )
+    stop_in_cluster_operator(c)
     yield c
     if not was_running and not os.environ.get("MODELFLEET_KEEP_CLUSTER"):
         _cluster_sh("down", timeout=300)
@@ -247,6 +258,7 @@ class RealImages:
     node: str
     operator: str
     runtime: str
+    hashes: dict[str, str]
 
     def copy_into_claim(self, cluster: Cluster, namespace: str, claim: str, files: dict[str, bytes]) -> None:
         """Put files into a PVC as a user would: a pod of the runtime image mounts it and `kubectl exec` writes."""
@@ -298,10 +310,13 @@ def real_images(cluster: Cluster) -> RealImages:
             ["bash", str(ROOT / "hack" / args[0]), args[1]], capture_output=True, text=True, timeout=3600, check=False
         )
         assert proc.returncode == 0, f"hack/{' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
-    refs = dict(
-        line.split("=", 1)
-        for line in subprocess.run(
-            ["bash", str(ROOT / "hack" / "images.sh"), "refs"], capture_output=True, text=True, check=True
-        ).stdout.split()
+    refs, hashes = (
+        dict(
+            line.split("=", 1)
+            for line in subprocess.run(
+                ["bash", str(ROOT / "hack" / "images.sh"), what], capture_output=True, text=True, check=True
+            ).stdout.split()
+        )
+        for what in ("refs", "hashes")
     )
-    return RealImages(node=ready[0], operator=refs["operator"], runtime=refs["runtime"])
+    return RealImages(node=ready[0], operator=refs["operator"], runtime=refs["runtime"], hashes=hashes)

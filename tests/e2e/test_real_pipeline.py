@@ -5,7 +5,11 @@ model's Service with NVIDIA's tritonclient. Run alone with `make e2e-real` (mark
 from __future__ import annotations
 
 import json
+import threading
 import time
+import urllib.error
+import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -61,6 +65,9 @@ def in_cluster_operator(cluster: Cluster, inferencemodel_crd: Path, real_images:
         f"image.repository={operator_repo},image.tag={operator_tag}",
         "--set",
         f"runtime.image.repository={runtime_repo},runtime.image.tag={runtime_tag}",
+        # The tag stays `dev`: a new image must still roll the operator's pod.
+        "--set",
+        f"podAnnotations.modelfleet\\.io/operator-image={real_images.hashes['operator']}",
         "--wait",
         "--timeout",
         "300s",
@@ -70,41 +77,62 @@ def in_cluster_operator(cluster: Cluster, inferencemodel_crd: Path, real_images:
             "-n", OPERATOR_NAMESPACE, "get", "pods", "-l", "app.kubernetes.io/name=modelfleet", "-o", "json"
         ).stdout
     )["items"]
-    running = [
-        p for p in pods if p["status"].get("phase") == "Running" and p["spec"].get("nodeName") == real_images.node
-    ]
-    assert running, (
-        f"no operator pod runs on the real node {real_images.node}: {[p['spec'].get('nodeName') for p in pods]}"
-    )
+    running = [p for p in pods if p["status"].get("phase") == "Running" and p["spec"].get("nodeName")]
+    assert [p["spec"]["nodeName"] for p in running] == [real_images.node], "the operator pod must run on the real node"
     return RELEASE
 
 
-@pytest.fixture
-def model_volumes(cluster: Cluster, namespace: str, real_images: RealImages, tmp_path: Path) -> Iterator[str]:
-    """The engine store and a models volume from the cluster's default StorageClass, the test classifier in it."""
+@pytest.fixture(scope="module")
+def restricted_namespace(cluster: Cluster) -> Iterator[str]:
+    """One namespace for the module, enforcing the `restricted` Pod Security level: every pod modelfleet
+    creates here must pass it, or it is never created."""
+    name = f"real-{uuid.uuid4().hex[:6]}"
+    cluster.kubectl("create", "namespace", name)
+    cluster.kubectl("label", "namespace", name, "pod-security.kubernetes.io/enforce=restricted")
+    yield name
+    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture(scope="module")
+def served(
+    cluster: Cluster, in_cluster_operator: str, restricted_namespace: str, real_images: RealImages, tmp_path_factory
+) -> str:
+    """The classifier applied and Ready: engine store and models from PVCs of the default StorageClass."""
+    ns = restricted_namespace
     for claim in ("modelfleet-engines", "models"):
         pvc = {
             "apiVersion": "v1",
             "kind": "PersistentVolumeClaim",
-            "metadata": {"name": claim, "namespace": namespace},
+            "metadata": {"name": claim, "namespace": ns},
             "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
         }
         cluster.kubectl("apply", "-f", "-", input=json.dumps(pvc))
-    model = classifier_model(tmp_path / "classifier.onnx")
-    real_images.copy_into_claim(cluster, namespace, "models", {"classifier.onnx": model.read_bytes()})
-    yield namespace
+    model = classifier_model(tmp_path_factory.mktemp("models") / "classifier.onnx")
+    files = {"classifier.onnx": model.read_bytes(), "corrupt.onnx": b"this is not an ONNX model\n" * 8}
+    real_images.copy_into_claim(cluster, ns, "models", files)
+    apply(cluster, ns, inference_model("classifier", "pvc://models/classifier.onnx"))
+    wait_ready(cluster, ns, "classifier")
+    return ns
 
 
-def inference_model(name: str, uri: str, **spec: Any) -> dict[str, Any]:
+def apply(cluster: Cluster, namespace: str, obj: dict[str, Any]) -> None:
+    cluster.kubectl("-n", namespace, "apply", "--server-side", "-f", "-", input=json.dumps(obj))
+
+
+def wait_ready(cluster: Cluster, namespace: str, name: str) -> None:
+    timeout = f"--timeout={READY_SECONDS}s"
+    cluster.kubectl("-n", namespace, "wait", "--for=condition=Ready", timeout, f"im/{name}", timeout=READY_SECONDS + 30)
+
+
+def inference_model(name: str, uri: str, **engine: Any) -> dict[str, Any]:
     return {
         "apiVersion": "modelfleet.io/v1alpha1",
         "kind": "InferenceModel",
         "metadata": {"name": name},
         "spec": {
             "model": {"uri": uri},
-            "engine": {"precision": "fp32"},
-            "serving": {"resources": {"gpu": 0, "cpu": "250m", "memory": "768Mi"}},
-            **spec,
+            "engine": {"precision": "fp32", **engine},
+            "serving": {"resources": {"gpu": 0, "cpu": "200m", "memory": "768Mi"}},
         },
     }
 
@@ -117,39 +145,136 @@ def infer(url: str, x: np.ndarray) -> np.ndarray:
     client = triton.InferenceServerClient(url=url, network_timeout=30)
     inputs = [triton.InferInput("input", list(x.shape), "FP32")]
     inputs[0].set_data_from_numpy(x, binary_data=True)
-    result = client.infer(
-        "classifier", inputs, outputs=[triton.InferRequestedOutput("probabilities", binary_data=True)]
-    )
-    out: np.ndarray = result.as_numpy("probabilities")
+    wanted = [triton.InferRequestedOutput("probabilities", binary_data=True)]
+    out: np.ndarray = client.infer("classifier", inputs, outputs=wanted).as_numpy("probabilities")
     return out
 
 
-def test_apply_builds_for_real_and_serves_correct_outputs_through_the_service(
-    cluster: Cluster, in_cluster_operator: str, model_volumes: str
-) -> None:
-    ns = model_volumes
-    cluster.kubectl(
-        "-n", ns, "apply", "-f", "-", input=json.dumps(inference_model("classifier", "pvc://models/classifier.onnx"))
+def post_once(base: str, x: np.ndarray) -> int:
+    """One OIP v2 JSON request on a new connection (so kube-proxy picks a pod for each); the HTTP status."""
+    body = {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
+    request = urllib.request.Request(
+        f"{base}/v2/models/classifier/infer",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
     )
-    cluster.kubectl(
-        "-n",
-        ns,
-        "wait",
-        "--for=condition=Ready",
-        f"--timeout={READY_SECONDS}s",
-        "inferencemodel/classifier",
-        timeout=READY_SECONDS + 30,
-    )
-    im = get(cluster, ns, "inferencemodel", "classifier")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except OSError:
+        return 0  # refused or reset: a failed request as a client sees it
+
+
+def successes_by_pod(cluster: Cluster, namespace: str) -> dict[str, float]:
+    pods = json.loads(
+        cluster.kubectl("-n", namespace, "get", "pods", "-l", "modelfleet.io/component=serving", "-o", "json").stdout
+    )["items"]
+    counts = {}
+    for pod in pods:
+        if pod["status"].get("phase") != "Running" or not pod["status"].get("podIP"):
+            continue
+        with urllib.request.urlopen(f"http://{pod['status']['podIP']}:8080/metrics", timeout=10) as response:
+            text = response.read().decode()
+        line = next(
+            x
+            for x in text.splitlines()
+            if x.startswith('modelfleet_requests_total{model="classifier",outcome="success"}')
+        )
+        counts[pod["metadata"]["name"]] = float(line.split()[-1])
+    return counts
+
+
+def test_apply_builds_for_real_and_serves_correct_outputs_through_the_service(cluster: Cluster, served: str) -> None:
+    im = get(cluster, served, "inferencemodel", "classifier")
+    assert condition(im, "Ready")["status"] == "True", im["status"]
     assert condition(im, "EnginesReady")["status"] == "True", im["status"]
     (engine,) = im["status"]["engines"]
     assert (engine["architecture"], engine["phase"], engine["backend"]) == ("cpu", "Ready", "onnxruntime")
     assert len(engine["key"]) == 64  # the real build's key, from its termination message
-    # The build ran as a real pod on the real node and wrote its result where the kubelet reads it.
     jobs = json.loads(
-        cluster.kubectl("-n", ns, "get", "jobs", "-l", "modelfleet.io/model=classifier", "-o", "json").stdout
-    )
-    assert [j["status"].get("succeeded") for j in jobs["items"]] == [1]
+        cluster.kubectl("-n", served, "get", "jobs", "-l", "modelfleet.io/model=classifier", "-o", "json").stdout
+    )["items"]
+    assert [j["status"].get("succeeded") for j in jobs] == [1]
     x = np.random.default_rng(3).standard_normal((4, FEATURES)).astype(np.float32)
-    got = infer(f"{cluster_ip(cluster, ns, 'classifier')}:80", x)
+    got = infer(f"{cluster_ip(cluster, served, 'classifier')}:80", x)
     np.testing.assert_allclose(got, classifier_reference(x), atol=1e-5)
+
+
+def test_kubectl_scale_gives_three_real_pods_and_the_service_reaches_each(cluster: Cluster, served: str) -> None:
+    cluster.kubectl("-n", served, "scale", "inferencemodel/classifier", "--replicas=3")
+    wait_for(
+        "3 ready replicas",
+        lambda: get(cluster, served, "inferencemodel", "classifier")["status"].get("readyReplicas") == 3,
+    )
+    before = successes_by_pod(cluster, served)
+    assert len(before) == 3, before
+    base = f"http://{cluster_ip(cluster, served, 'classifier')}:80"
+    x = np.ones((1, FEATURES), np.float32)
+    statuses = [post_once(base, x) for _ in range(90)]
+    assert statuses.count(200) == 90, statuses
+    after = successes_by_pod(cluster, served)
+    assert all(after[pod] > before[pod] for pod in before), (before, after)
+
+
+def test_a_new_engine_rolls_out_under_load_without_a_failed_request(cluster: Cluster, served: str) -> None:
+    base = f"http://{cluster_ip(cluster, served, 'classifier')}:80"
+    x = np.ones((1, FEATURES), np.float32)
+    old_key = get(cluster, served, "inferencemodel", "classifier")["status"]["engines"][0]["key"]
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            statuses.append(post_once(base, x))
+            time.sleep(0.02)
+
+    sender = threading.Thread(target=load, daemon=True)
+    sender.start()
+    try:
+        apply(cluster, served, inference_model("classifier", "pvc://models/classifier.onnx", batch={"max": 16}))
+
+        def rolled() -> bool:
+            im = get(cluster, served, "inferencemodel", "classifier")
+            engine = im["status"]["engines"][0]
+            return (
+                engine["key"] != old_key
+                and im["status"].get("observedGeneration") == im["metadata"]["generation"]
+                and condition(im, "Progressing").get("status") == "False"
+                and im["status"].get("readyReplicas") == 3
+            )
+
+        wait_for("the new engine to roll out", rolled)
+        time.sleep(5)  # and a little load on the new pods
+    finally:
+        stop.set()
+        sender.join(timeout=30)
+    failed = [s for s in statuses if s != 200]
+    assert len(statuses) > 50, len(statuses)
+    assert failed == [], f"{len(failed)} of {len(statuses)} requests failed during the roll: {sorted(set(failed))}"
+
+
+def test_a_corrupt_model_fails_its_build_says_why_and_the_previous_version_keeps_serving(
+    cluster: Cluster, served: str
+) -> None:
+    serving_key = get(cluster, served, "inferencemodel", "classifier")["status"]["engines"][0]["key"]
+    apply(cluster, served, inference_model("classifier", "pvc://models/corrupt.onnx"))
+
+    def failed() -> dict[str, Any] | None:
+        im = get(cluster, served, "inferencemodel", "classifier")
+        engines = im["status"].get("engines") or [{}]
+        return im if engines[0].get("phase") == "Failed" else None
+
+    im = wait_for("the build to fail", failed)
+    engine = im["status"]["engines"][0]
+    assert engine["reason"] == "InvalidModel", engine
+    assert "corrupt.onnx" in engine["message"] or "ONNX" in engine["message"], engine["message"]
+    degraded = condition(im, "Degraded")
+    assert degraded["status"] == "True" and "still serving the previous engine" in degraded["message"], degraded
+    deployment = get(cluster, served, "deployment", "classifier-cpu")
+    assert deployment["metadata"]["annotations"]["modelfleet.io/engine-key"] == serving_key
+    x = np.random.default_rng(5).standard_normal((2, FEATURES)).astype(np.float32)
+    np.testing.assert_allclose(
+        infer(f"{cluster_ip(cluster, served, 'classifier')}:80", x), classifier_reference(x), atol=1e-5
+    )
