@@ -17,7 +17,7 @@ import numpy as np
 import tritonclient.http as triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.modelzoo import FEATURES, classifier_reference  # noqa: E402
+from tests.modelzoo import FEATURES, classifier_reference
 
 
 def infer(url: str) -> int:

@@ -10,9 +10,10 @@ import subprocess
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -57,6 +58,18 @@ class Cluster:
         self, *args: str, input: str | None = None, check: bool = True, timeout: float = 300
     ) -> subprocess.CompletedProcess[str]:
         return self.run("helm", *args, input=input, check=check, timeout=timeout)
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 180, every: float = 0.5) -> Any:
+    """Poll `check` until it returns something truthy (returned); a hang guard, not a performance bound."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
 
 
 def stop_in_cluster_operator(cluster: Cluster) -> None:
@@ -205,27 +218,25 @@ OPERATOR_NAMESPACE = "modelfleet-system"
 RELEASE = "modelfleet"
 
 
+def install_chart(cluster: Cluster, *values: str, timeout: str = "120s") -> str:
+    """`helm upgrade --install` of the chart with the real helm binary; `values` are helm's own flags."""
+    chart = str(ROOT / "helm" / "modelfleet")
+    flags = ["--namespace", OPERATOR_NAMESPACE, "--create-namespace", *values, "--wait", "--timeout", timeout]
+    cluster.helm("upgrade", "--install", RELEASE, chart, *flags, timeout=600)
+    return RELEASE
+
+
 @pytest.fixture(scope="session")
 def helm_release(cluster: Cluster, inferencemodel_crd: Path) -> str:
-    """The chart installed with the real helm binary. Its operator pod is pinned to a KWOK node, where no
-    container runs: these tests run the operator as a process (`operator`); tests/e2e/real/ runs it in-cluster."""
-    cluster.helm(
-        "upgrade",
-        "--install",
-        RELEASE,
-        str(ROOT / "helm" / "modelfleet"),
-        "--namespace",
-        OPERATOR_NAMESPACE,
-        "--create-namespace",
+    """The chart, its operator pod pinned to a KWOK node where no container runs: these tests run the operator
+    as a process (`operator`); test_real_pipeline.py runs it in-cluster."""
+    return install_chart(
+        cluster,
         "--set-json",
         'nodeSelector={"type":"kwok"}',
         "--set-json",
         'tolerations=[{"key":"nvidia.com/gpu","operator":"Exists","effect":"NoSchedule"}]',
-        "--wait",
-        "--timeout",
-        "120s",
     )
-    return RELEASE
 
 
 @pytest.fixture(scope="session")

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import yaml
 
-from tests.e2e.conftest import ROOT, Cluster, OperatorProcess
+from tests.e2e.conftest import ROOT, Cluster, OperatorProcess, wait_for
 
 ARCHS = ["sm75", "sm80", "sm89", "sm90"]
 TIMEOUT = 180  # a hang guard, not a performance bound
@@ -18,17 +17,6 @@ TIMEOUT = 180  # a hang guard, not a performance bound
 
 def get(cluster: Cluster, namespace: str, *what: str) -> Any:
     return json.loads(cluster.kubectl("-n", namespace, "get", *what, "-o", "json").stdout)
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float = TIMEOUT) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
 
 
 def apply_model(cluster: Cluster, namespace: str, name: str = "clf", **spec: Any) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import tritonclient.http as triton
 
-from tests.e2e.conftest import OPERATOR_NAMESPACE, RELEASE, ROOT, Cluster, RealImages
+from tests.e2e.conftest import OPERATOR_NAMESPACE, RELEASE, ROOT, Cluster, RealImages, install_chart, wait_for
 from tests.modelzoo import FEATURES, classifier_model, classifier_reference
 
 pytestmark = [pytest.mark.realnode, pytest.mark.timeout(1800)]
@@ -35,30 +35,13 @@ def condition(obj: dict[str, Any], type_: str) -> dict[str, Any]:
     return next((c for c in (obj.get("status") or {}).get("conditions", []) if c["type"] == type_), {})
 
 
-def wait_for(what: str, check: Any, timeout: float = READY_SECONDS, every: float = 1.0) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(every)
-    raise AssertionError(f"timed out waiting for {what}; last seen: {last}")
-
-
 @pytest.fixture(scope="module")
 def in_cluster_operator(cluster: Cluster, inferencemodel_crd: Path, real_images: RealImages) -> str:
     """The chart installed as a platform team would, its operator a real pod from the project's image."""
     operator_repo, operator_tag = real_images.operator.rsplit(":", 1)
     runtime_repo, runtime_tag = real_images.runtime.rsplit(":", 1)
-    cluster.helm(
-        "upgrade",
-        "--install",
-        RELEASE,
-        str(ROOT / "helm" / "modelfleet"),
-        "--namespace",
-        OPERATOR_NAMESPACE,
-        "--create-namespace",
+    install_chart(
+        cluster,
         "--values",
         str(ROOT / "hack" / "local-values.yaml"),
         "--set",
@@ -68,9 +51,7 @@ def in_cluster_operator(cluster: Cluster, inferencemodel_crd: Path, real_images:
         # The tag stays `dev`: a new image must still roll the operator's pod.
         "--set",
         f"podAnnotations.modelfleet\\.io/operator-image={real_images.hashes['operator']}",
-        "--wait",
-        "--timeout",
-        "300s",
+        timeout="300s",
     )
     pods = json.loads(
         cluster.kubectl(
@@ -207,6 +188,7 @@ def test_kubectl_scale_gives_three_real_pods_and_the_service_reaches_each(cluste
     wait_for(
         "3 ready replicas",
         lambda: get(cluster, served, "inferencemodel", "classifier")["status"].get("readyReplicas") == 3,
+        timeout=READY_SECONDS,
     )
     before = successes_by_pod(cluster, served)
     assert len(before) == 3, before
@@ -245,12 +227,13 @@ def test_a_new_engine_rolls_out_under_load_without_a_failed_request(cluster: Clu
                 and im["status"].get("readyReplicas") == 3
             )
 
-        wait_for("the new engine to roll out", rolled)
+        wait_for("the new engine to roll out", rolled, timeout=READY_SECONDS)
         time.sleep(5)  # and a little load on the new pods
     finally:
         stop.set()
         sender.join(timeout=30)
     failed = [s for s in statuses if s != 200]
+    print(f"roll under load: {len(statuses)} requests through the Service, {len(failed)} failed")
     assert len(statuses) > 50, len(statuses)
     assert failed == [], f"{len(failed)} of {len(statuses)} requests failed during the roll: {sorted(set(failed))}"
 
@@ -266,7 +249,7 @@ def test_a_corrupt_model_fails_its_build_says_why_and_the_previous_version_keeps
         engines = im["status"].get("engines") or [{}]
         return im if engines[0].get("phase") == "Failed" else None
 
-    im = wait_for("the build to fail", failed)
+    im = wait_for("the build to fail", failed, timeout=READY_SECONDS)
     engine = im["status"]["engines"][0]
     assert engine["reason"] == "InvalidModel", engine
     assert "corrupt.onnx" in engine["message"] or "ONNX" in engine["message"], engine["message"]
@@ -278,3 +261,39 @@ def test_a_corrupt_model_fails_its_build_says_why_and_the_previous_version_keeps
     np.testing.assert_allclose(
         infer(f"{cluster_ip(cluster, served, 'classifier')}:80", x), classifier_reference(x), atol=1e-5
     )
+
+
+def test_the_operator_pod_killed_mid_rollout_converges_without_duplicates(cluster: Cluster, served: str) -> None:
+    def build_id() -> str:
+        return str(get(cluster, served, "inferencemodel", "classifier")["status"]["engines"][0].get("buildId"))
+
+    before = build_id()
+    apply(cluster, served, inference_model("classifier", "pvc://models/classifier.onnx", batch={"max": 8}))
+    wait_for("the new build", lambda: build_id() != before, timeout=READY_SECONDS, every=0.2)
+    selector = "app.kubernetes.io/name=modelfleet"
+    cluster.kubectl("-n", OPERATOR_NAMESPACE, "delete", "pod", "-l", selector, "--force", "--grace-period=0")
+
+    def converged() -> bool:
+        im = get(cluster, served, "inferencemodel", "classifier")
+        return (
+            im["status"].get("observedGeneration") == im["metadata"]["generation"]
+            and condition(im, "Ready").get("status") == "True"
+            and condition(im, "Progressing").get("status") == "False"
+            and im["status"]["engines"][0]["phase"] == "Ready"
+        )
+
+    wait_for("convergence after the operator's pod was killed", converged, timeout=READY_SECONDS)
+    engine = get(cluster, served, "inferencemodel", "classifier")["status"]["engines"][0]
+    # The build that was running when the operator died ran once: one Job, one pod, succeeded.
+    job = get(cluster, served, "job", engine["job"])
+    assert job["status"].get("succeeded") == 1, job["status"]
+    pods = json.loads(
+        cluster.kubectl("-n", served, "get", "pods", "-l", f"job-name={engine['job']}", "-o", "json").stdout
+    )
+    assert len(pods["items"]) == 1, [p["metadata"]["name"] for p in pods["items"]]
+    deployments = json.loads(
+        cluster.kubectl("-n", served, "get", "deployments", "-l", "modelfleet.io/model=classifier", "-o", "json").stdout
+    )["items"]
+    assert [d["metadata"]["name"] for d in deployments] == ["classifier-cpu"]
+    assert deployments[0]["metadata"]["annotations"]["modelfleet.io/engine-key"] == engine["key"]
+    assert deployments[0]["status"].get("readyReplicas") == 3
