@@ -268,7 +268,7 @@ def test_the_operator_pod_killed_mid_rollout_converges_without_duplicates(cluste
         return str(get(cluster, served, "inferencemodel", "classifier")["status"]["engines"][0].get("buildId"))
 
     before = build_id()
-    apply(cluster, served, inference_model("classifier", "pvc://models/classifier.onnx", batch={"max": 8}))
+    apply(cluster, served, inference_model("classifier", "pvc://models/classifier.onnx", batch={"max": 24}))
     wait_for("the new build", lambda: build_id() != before, timeout=READY_SECONDS, every=0.2)
     selector = "app.kubernetes.io/name=modelfleet"
     cluster.kubectl("-n", OPERATOR_NAMESPACE, "delete", "pod", "-l", selector, "--force", "--grace-period=0")
