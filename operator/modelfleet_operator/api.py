@@ -593,8 +593,9 @@ class ScalingRules(_Spec):
         le=3600,
         description="Recommendations within this window are weighed; the safest wins. Absent: 0 up, 300 down.",
     )
-    policies: list[ScalingPolicy] = Field(
-        default_factory=list,
+    policies: list[ScalingPolicy] | None = Field(
+        None,
+        min_length=1,
         max_length=10,
         description="Rate limits. Absent: up max(+100%, +4 pods) per 15 s; down -100% per 15 s.",
     )

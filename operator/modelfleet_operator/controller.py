@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from modelfleet_operator.api import InferenceModel, InvalidInferenceModelError, parse_inference_model
+from modelfleet_operator.api import AutoscalingSpec, InferenceModel, InvalidInferenceModelError, parse_inference_model
 from modelfleet_operator.autoscaler.algorithm import AutoscalerConfig
 from modelfleet_operator.autoscaler.controller import Autoscaler, ServingPod
 from modelfleet_operator.k8s import ApiError, Kube, NamespaceTerminating, contains
@@ -162,7 +162,12 @@ class Controller:
     @staticmethod
     def _autoscaler_config(im: InferenceModel) -> AutoscalerConfig:
         assert im.spec.autoscaling is not None
-        return AutoscalerConfig.model_validate(im.spec.autoscaling.model_dump(by_alias=True, exclude_none=True))
+        return Controller._autoscaler_config_from(im.spec.autoscaling)
+
+    @staticmethod
+    def _autoscaler_config_from(spec: AutoscalingSpec) -> AutoscalerConfig:
+        """The algorithm's configuration: fields the user left unset stay unset, so they take HPA defaults."""
+        return AutoscalerConfig.model_validate(spec.model_dump(by_alias=True, exclude_none=True))
 
     def _serving_pods(self, key: Key) -> list[ServingPod]:
         store = self.pods.get(key) if self.pods is not None else None

@@ -11,6 +11,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,8 @@ def in_cluster_operator(cluster: Cluster, inferencemodel_crd: Path, real_images:
         # The tag stays `dev`: a new image must still roll the operator's pod.
         "--set",
         f"podAnnotations.modelfleet\\.io/operator-image={real_images.hashes['operator']}",
+        "--set",
+        "autoscaler.intervalSeconds=5",  # decisions every 5 s, so the autoscaler test sees both directions soon
         timeout="300s",
     )
     pods = json.loads(
@@ -131,11 +134,11 @@ def infer(url: str, x: np.ndarray) -> np.ndarray:
     return out
 
 
-def post_once(base: str, x: np.ndarray) -> int:
+def post_once(base: str, x: np.ndarray, model: str = "classifier") -> int:
     """One OIP v2 JSON request on a new connection (so kube-proxy picks a pod for each); the HTTP status."""
     body = {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
     request = urllib.request.Request(
-        f"{base}/v2/models/classifier/infer",
+        f"{base}/v2/models/{model}/infer",
         data=json.dumps(body).encode(),
         headers={"Content-Type": "application/json"},
     )
@@ -149,22 +152,7 @@ def post_once(base: str, x: np.ndarray) -> int:
 
 
 def successes_by_pod(cluster: Cluster, namespace: str) -> dict[str, float]:
-    pods = json.loads(
-        cluster.kubectl("-n", namespace, "get", "pods", "-l", "modelfleet.io/component=serving", "-o", "json").stdout
-    )["items"]
-    counts = {}
-    for pod in pods:
-        if pod["status"].get("phase") != "Running" or not pod["status"].get("podIP"):
-            continue
-        with urllib.request.urlopen(f"http://{pod['status']['podIP']}:8080/metrics", timeout=10) as response:
-            text = response.read().decode()
-        line = next(
-            x
-            for x in text.splitlines()
-            if x.startswith('modelfleet_requests_total{model="classifier",outcome="success"}')
-        )
-        counts[pod["metadata"]["name"]] = float(line.split()[-1])
-    return counts
+    return successes_by_model_pod(cluster, namespace, "classifier")
 
 
 def test_apply_builds_for_real_and_serves_correct_outputs_through_the_service(cluster: Cluster, served: str) -> None:
@@ -297,3 +285,164 @@ def test_the_operator_pod_killed_mid_rollout_converges_without_duplicates(cluste
     assert [d["metadata"]["name"] for d in deployments] == ["classifier-cpu"]
     assert deployments[0]["metadata"]["annotations"]["modelfleet.io/engine-key"] == engine["key"]
     assert deployments[0]["status"].get("readyReplicas") == 3
+
+
+def test_a_model_file_that_does_not_exist_fails_its_build_says_which_and_the_previous_version_keeps_serving(
+    cluster: Cluster, served: str
+) -> None:
+    serving_key = get(cluster, served, "inferencemodel", "classifier")["status"]["engines"][0]["key"]
+    apply(cluster, served, inference_model("classifier", "pvc://models/no-such-model.onnx"))
+
+    def failed() -> dict[str, Any] | None:
+        im = get(cluster, served, "inferencemodel", "classifier")
+        engines = im["status"].get("engines") or [{}]
+        return im if engines[0].get("phase") == "Failed" and "no-such" in engines[0].get("message", "") else None
+
+    im = wait_for("the build to fail", failed, timeout=READY_SECONDS)
+    engine = im["status"]["engines"][0]
+    assert engine["reason"] == "FetchFailed", engine
+    assert "no-such-model.onnx" in engine["message"] and "no such file" in engine["message"], engine["message"]
+    assert condition(im, "Ready")["status"] == "True", im["status"]  # the old version still serves
+    degraded = condition(im, "Degraded")
+    assert degraded["status"] == "True" and "still serving the previous engine" in degraded["message"], degraded
+    deployment = get(cluster, served, "deployment", "classifier-cpu")
+    assert deployment["metadata"]["annotations"]["modelfleet.io/engine-key"] == serving_key
+    x = np.random.default_rng(6).standard_normal((2, FEATURES)).astype(np.float32)
+    np.testing.assert_allclose(
+        infer(f"{cluster_ip(cluster, served, 'classifier')}:80", x), classifier_reference(x), atol=1e-5
+    )
+
+
+AUTOSCALED = "autoscaled"
+TARGET_QPS = 8.0  # per replica; the load below asks for 3 replicas, the ceiling
+LOAD_QPS = 24.0
+P99_TARGET_MS = 2000.0  # QPS drives the decision: nothing here depends on this machine's speed
+SCALE_DOWN_WINDOW_S = 20
+
+
+class PacedLoad:
+    """Open-loop load through a Service at a fixed rate, a new connection per request (kube-proxy picks a pod
+    for each); every request's status and latency recorded with the time it was sent."""
+
+    def __init__(self, base: str, model: str, rate: float) -> None:
+        self.base, self.model, self.rate = base, model, rate
+        self.results: list[tuple[float, int, float]] = []
+        self._stop = threading.Event()
+        self._pool = ThreadPoolExecutor(max_workers=32)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _one(self, sent: float) -> None:
+        status = post_once(self.base, np.ones((1, FEATURES), np.float32), self.model)
+        self.results.append((sent, status, time.monotonic() - sent))
+
+    def _run(self) -> None:
+        began = time.monotonic()
+        n = 0
+        while not self._stop.is_set():
+            due = began + n / self.rate
+            self._stop.wait(max(0.0, due - time.monotonic()))
+            self._pool.submit(self._one, time.monotonic())
+            n += 1
+
+    def __enter__(self) -> PacedLoad:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        self._pool.shutdown(wait=True)
+
+    def since(self, t: float) -> list[tuple[float, int, float]]:
+        return [r for r in self.results if r[0] >= t]
+
+
+def p99(latencies: list[float]) -> float:
+    return float(np.percentile(latencies, 99)) if latencies else float("nan")
+
+
+def test_the_autoscaler_follows_load_through_the_service_with_real_pods(cluster: Cluster, served: str) -> None:
+    im = inference_model(AUTOSCALED, "pvc://models/classifier.onnx")
+    im["spec"]["autoscaling"] = {
+        "minReplicas": 1,
+        "maxReplicas": 3,
+        "targetQPSPerReplica": TARGET_QPS,
+        "targetP99LatencyMilliseconds": P99_TARGET_MS,
+        "behavior": {"scaleDown": {"stabilizationWindowSeconds": SCALE_DOWN_WINDOW_S}},
+    }
+    apply(cluster, served, im)
+    wait_ready(cluster, served, AUTOSCALED)
+
+    def status() -> dict[str, Any]:
+        return get(cluster, served, "inferencemodel", AUTOSCALED)["status"]
+
+    wait_for("the first decision at rest", lambda: (status().get("autoscaler") or {}).get("desiredReplicas") == 1)
+    base = f"http://{cluster_ip(cluster, served, AUTOSCALED)}:80"
+    with PacedLoad(base, AUTOSCALED, LOAD_QPS) as load:
+        began = time.monotonic()
+        wait_for("3 ready replicas under load", lambda: status().get("readyReplicas") == 3, timeout=READY_SECONDS)
+        scaled = time.monotonic()
+        up = status()["autoscaler"]
+        time.sleep(15)  # the load, now over three real pods
+    assert (up["desiredReplicas"], up["qps"] > 2 * TARGET_QPS) == (3, True), up
+    assert "qps" in up["reason"], up  # the decision explains itself
+    sent = load.since(began)
+    failed = [s for _, s, _ in sent if s != 200]
+    before = [lat for t, s, lat in sent if t < scaled and s == 200]
+    after = [lat for t, s, lat in load.since(scaled + 2) if s == 200]
+    print(
+        f"autoscaler: 1 -> 3 replicas in {scaled - began:.0f}s at {LOAD_QPS:.0f} req/s; {len(sent)} requests, "
+        f"{len(failed)} failed; client p99 {p99(before) * 1e3:.0f} ms while scaling, {p99(after) * 1e3:.0f} ms after"
+    )
+    assert failed == [], f"{len(failed)} of {len(sent)} requests failed while scaling up: {sorted(set(failed))}"
+    assert after and p99(after) * 1e3 < P99_TARGET_MS, p99(after)
+    counts = successes_by_model_pod(cluster, served, AUTOSCALED)
+    assert len(counts) == 3 and all(c > 0 for c in counts.values()), counts  # every new pod served load
+
+    seen: list[dict[str, Any]] = []
+
+    def scaled_down() -> bool:
+        seen.append(status())
+        return (seen[-1].get("autoscaler") or {}).get("desiredReplicas") == 1 and seen[-1].get("replicas") == 1
+
+    try:
+        wait_for("the scale-down after the window", scaled_down, timeout=READY_SECONDS)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {seen[-1]}") from None
+    down = seen[-1]["autoscaler"]
+    assert down["currentReplicas"] in (1, 2, 3) and down["desiredReplicas"] == 1, down
+    reasons = [e["reason"] for e in events_for(cluster, served, AUTOSCALED)]
+    assert "ScaledUp" in reasons and "ScaledDown" in reasons, reasons
+    assert get(cluster, served, "deployment", f"{AUTOSCALED}-cpu")["spec"]["replicas"] == 1
+    cluster.kubectl("-n", served, "delete", "inferencemodel", AUTOSCALED, "--wait=false")
+
+
+def events_for(cluster: Cluster, namespace: str, name: str) -> list[dict[str, Any]]:
+    selector = f"involvedObject.kind=InferenceModel,involvedObject.name={name}"
+    out = cluster.kubectl("-n", namespace, "get", "events", "--field-selector", selector, "-o", "json").stdout
+    return list(json.loads(out)["items"])
+
+
+def successes_by_model_pod(cluster: Cluster, namespace: str, model: str) -> dict[str, float]:
+    """Successful requests per Running serving pod of one model, from each pod's own /metrics."""
+    pods = json.loads(
+        cluster.kubectl(
+            "-n",
+            namespace,
+            "get",
+            "pods",
+            "-l",
+            f"modelfleet.io/component=serving,modelfleet.io/model={model}",
+            "-o",
+            "json",
+        ).stdout
+    )["items"]
+    counts = {}
+    prefix = f'modelfleet_requests_total{{model="{model}",outcome="success"}}'
+    for pod in pods:
+        if pod["status"].get("phase") != "Running" or not pod["status"].get("podIP"):
+            continue
+        with urllib.request.urlopen(f"http://{pod['status']['podIP']}:8080/metrics", timeout=10) as response:
+            text = response.read().decode()
+        counts[pod["metadata"]["name"]] = float(next(x for x in text.splitlines() if x.startswith(prefix)).split()[-1])
+    return counts

@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from modelfleet_operator.api import AutoscalingSpec
 from modelfleet_operator.autoscaler.algorithm import (
     ArchitectureShare,
     AutoscalerConfig,
@@ -26,6 +27,7 @@ from modelfleet_operator.autoscaler.algorithm import (
     learned_capacity,
     split_across_architectures,
 )
+from modelfleet_operator.controller import Controller
 
 # The algorithm reduced to the HPA: p99 by HPA ratio arithmetic, HPA rate limits, a fixed 300 s window.
 HPA_LIKE: dict[str, Any] = {
@@ -193,6 +195,29 @@ def test_scale_down_waits_for_the_stabilization_window() -> None:
         state = d.state
     d = run(cfg, observe(300, current, [10.0] * current), state)
     assert d.desired_replicas == 1  # the scale-up recommendation at t=0 has left the 300 s window
+
+
+@pytest.mark.parametrize("direction", ["scaleUp", "scaleDown"])
+def test_a_window_given_alone_keeps_the_default_rate_policies(direction: str) -> None:
+    # Found by the real-pod suite: a spec naming only the window reached the algorithm with `policies: []`,
+    # and no policy meant no change ever allowed in that direction.
+    spec = AutoscalingSpec.model_validate(
+        {
+            "maxReplicas": 10,
+            "targetQPSPerReplica": 100,
+            "behavior": {direction: {"stabilizationWindowSeconds": 0}},
+        }
+    )
+    cfg = Controller._autoscaler_config_from(spec)
+    assert run(cfg, observe(0, 4, [10.0] * 4)).desired_replicas == (4 if direction == "scaleUp" else 1)
+    assert run(cfg, observe(0, 4, [200.0] * 4)).desired_replicas == 8
+
+
+def test_an_empty_policy_list_is_refused_as_the_hpa_refuses_it() -> None:
+    with pytest.raises(ValidationError, match="policies"):
+        AutoscalingSpec.model_validate(
+            {"maxReplicas": 10, "targetQPSPerReplica": 100, "behavior": {"scaleDown": {"policies": []}}}
+        )
 
 
 def test_without_history_the_current_count_stands_for_a_window() -> None:
