@@ -81,7 +81,7 @@ def test_unknown_model_is_404_everywhere(classifier_server: ServerProcess) -> No
             infer_body(shape=[2, FEATURES], data=ROW),
             ["input 'input': 16 elements in 'data' for shape [2, 16]"],
         ),
-        (infer_body(data=["x"] * FEATURES), ["input 'input': 'data' does not hold FP32"]),
+        (infer_body(data=["x"] * FEATURES), ["input 'input': FP32 data must be JSON numbers, found a string"]),
         ({"inputs": []}, ["no 'inputs'"]),
         ({**infer_body(), "outputs": [{"name": "logits"}]}, ["unknown output 'logits'"]),
     ],
