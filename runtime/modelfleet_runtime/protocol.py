@@ -290,7 +290,8 @@ def _bytes_from_json(name: str, shape: tuple[int, ...], data: list[Any]) -> np.n
 
 def _numbers_from_json(name: str, datatype: str, shape: tuple[int, ...], data: list[Any]) -> np.ndarray:
     try:
-        arr = np.array(data, dtype=DATATYPES[datatype])
+        with np.errstate(over="ignore"):  # a float too large for its type becomes inf: refused just below
+            arr = np.array(data, dtype=DATATYPES[datatype])
     except OverflowError:
         raise InvalidInput(f"input '{name}': a value in 'data' is out of range for {datatype}") from None
     except ValueError:
