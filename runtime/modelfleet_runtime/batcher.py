@@ -299,6 +299,7 @@ class Batcher:
                 computed.results.append(exc)
                 continue
             except Exception as exc:
+                log.warning("a request of %d items, computed alone, failed: %s: %s", size, type(exc).__name__, exc)
                 computed.results.append(_batch_error(f"request of {size} items", exc))
                 continue
             computed.results.extend(self._split(outputs, [size]))

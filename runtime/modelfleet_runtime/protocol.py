@@ -277,11 +277,12 @@ def _check_json_types(name: str, datatype: str, data: list[Any]) -> None:
 
 def _bytes_from_json(name: str, shape: tuple[int, ...], data: list[Any]) -> np.ndarray:
     try:
+        # Every leaf is a str (checked before): a non-str element here is a list NumPy could not make an axis of.
         flat = np.array(data, dtype=np.object_).reshape(-1)
+        if any(type(x) is not str for x in flat):
+            raise ValueError("ragged")
     except ValueError:
-        flat = np.array([[]], dtype=np.object_)  # a ragged list: refused below
-    if any(type(x) is not str for x in flat):
-        raise InvalidInput(f"input '{name}': 'data' is a ragged nested list")
+        raise InvalidInput(f"input '{name}': 'data' is a ragged nested list") from None
     if flat.size != math.prod(shape):
         raise InvalidInput(f"input '{name}': {flat.size} elements in 'data' for shape {list(shape)}")
     flat[:] = [x.encode("utf-8") for x in flat]
