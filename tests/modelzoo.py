@@ -101,3 +101,94 @@ def two_io_model(path: Path) -> Path:
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="modelfleet-tests")
     return _save(model, path)
+
+
+STRING_OPSET = 20  # StringConcat arrived in opset 20
+HELLO = "héllo"
+
+
+def strings_reference(text: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Python reference of `strings_model` on an array of str: ("<" + s + ">", s == "héllo")."""
+    tagged = np.vectorize(lambda s: f"<{s}>", otypes=[object])(text)
+    return tagged, text == HELLO
+
+
+def strings_model(path: Path) -> Path:
+    """A string model whose outputs depend on every byte of its input.
+
+    `text` BYTES [batch, n] -> `tagged` BYTES [batch, n] ("<" + text + ">") and `is_hello` BOOL [batch, n]
+    (text == "héllo"): a model that saw a repr such as "b'abc'" answers visibly wrong.
+    """
+    consts = [
+        numpy_helper.from_array(np.array([value.encode()], dtype=np.object_), name)
+        for name, value in (("open", "<"), ("close", ">"), ("hello", HELLO))
+    ]
+    nodes = [
+        helper.make_node("StringConcat", ["open", "text"], ["opened"]),
+        helper.make_node("StringConcat", ["opened", "close"], ["tagged"]),
+        helper.make_node("Equal", ["text", "hello"], ["is_hello"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "strings",
+        [helper.make_tensor_value_info("text", TensorProto.STRING, ["batch", "n"])],
+        [
+            helper.make_tensor_value_info("tagged", TensorProto.STRING, ["batch", "n"]),
+            helper.make_tensor_value_info("is_hello", TensorProto.BOOL, ["batch", "n"]),
+        ],
+        initializer=consts,
+    )
+    opsets = [helper.make_opsetid("", STRING_OPSET)]
+    return _save(helper.make_model(graph, opset_imports=opsets, producer_name="modelfleet-tests"), path)
+
+
+VOCAB = 10
+
+
+def lookup_model(path: Path) -> Path:
+    """An embedding-table lookup: `idx` INT64 [batch, 1] -> `row` FP32 [batch, 1, 4] = table[idx].
+
+    Row i of the table is [4i, 4i+1, 4i+2, 4i+3]; an index outside [-10, 9] makes Gather fail, as an
+    out-of-range token id does in a language model.
+    """
+    table = numpy_helper.from_array(np.arange(VOCAB * 4, dtype=np.float32).reshape(VOCAB, 4), "table")
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "idx"], ["row"], axis=0)],
+        "lookup",
+        [helper.make_tensor_value_info("idx", TensorProto.INT64, ["batch", 1])],
+        [helper.make_tensor_value_info("row", TensorProto.FLOAT, ["batch", 1, 4])],
+        initializer=[table],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="modelfleet-tests")
+    return _save(model, path)
+
+
+def unshared_add_model(path: Path) -> Path:
+    """`a` FP32 [batch, n] + `b` FP32 [batch, m] -> `sum`: the model does not say n == m, so only running
+    it finds out (ONNX Runtime fails the Add when they differ and neither is 1)."""
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["a", "b"], ["sum"])],
+        "unshared_add",
+        [
+            helper.make_tensor_value_info("a", TensorProto.FLOAT, ["batch", "n"]),
+            helper.make_tensor_value_info("b", TensorProto.FLOAT, ["batch", "m"]),
+        ],
+        [helper.make_tensor_value_info("sum", TensorProto.FLOAT, ["batch", "k"])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="modelfleet-tests")
+    return _save(model, path)
+
+
+def nonfinite_model(path: Path) -> Path:
+    """`x` FP32 [batch, n] -> `log` = ln(x) and `inverse` = 1 / x: 0 and -1 give -inf, inf and NaN."""
+    graph = helper.make_graph(
+        [helper.make_node("Log", ["x"], ["log"]), helper.make_node("Reciprocal", ["x"], ["inverse"])],
+        "nonfinite",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "n"])],
+        [
+            helper.make_tensor_value_info("log", TensorProto.FLOAT, ["batch", "n"]),
+            helper.make_tensor_value_info("inverse", TensorProto.FLOAT, ["batch", "n"]),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="modelfleet-tests")
+    return _save(model, path)

@@ -13,7 +13,10 @@ concurrency, driven by events rather than a polling coroutine:
   A model whose largest batch computes faster than a thread handoff (`inline`, decided after warm-up
   from a measurement) runs on the loop instead: for it the handoff and its GIL round trip cost more
   than the work, and blocking the loop for a few microseconds costs less than either;
-- a failing batch fails only its own requests, each with an error naming the batch.
+- a batch that fails on a request's values (`InvalidInput` from the backend: an out-of-range token id,
+  say) is computed again one request at a time, in the same worker, so the bad request fails alone with
+  its 400 and the others get their answers; any other failure fails only the batch's own requests, each
+  with an error naming the batch.
 
 Times for decisions are `loop.time()` (monotonic). Under uvloop timers resolve to 1 ms, so a queue delay
 below 1 ms acts like 1 ms when the server is idle; under load batches form while the model is busy anyway.
@@ -27,12 +30,12 @@ import time
 from collections import deque
 from collections.abc import Callable, Hashable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from modelfleet_runtime.batching import BatchMismatch, merge, plan_batch, split
-from modelfleet_runtime.protocol import BackendError, DeadlineExceeded, QueueFull
+from modelfleet_runtime.protocol import BackendError, DeadlineExceeded, InvalidInput, QueueFull
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,15 @@ class BatchObserver:
 
     def computed(self, batch_size: int, seconds: float) -> None:
         """A batch of `batch_size` items computed in `seconds` (failed batches are not observed)."""
+
+
+@dataclass(slots=True)
+class _Computed:
+    """What a batch's compute gave: one result per request, and the model runs it took to get them."""
+
+    results: list[Outputs | Exception]
+    runs: list[tuple[int, float]] = field(default_factory=list)  # (items, seconds) of each successful run
+    retried: InvalidInput | None = None  # the value error that made the batch go one request at a time
 
 
 class _Pending:
@@ -265,55 +277,95 @@ class Batcher:
         outputs = self._infer(inputs)
         return outputs, time.perf_counter() - began
 
+    def _compute(self, requests: list[Mapping[str, np.ndarray]], sizes: list[int]) -> _Computed:
+        """Run one batch where it computes (a worker thread, or inline); a value error goes one by one."""
+        merged = merge(requests, self._names) if self._config.batched else dict(requests[0])
+        try:
+            outputs, seconds = self._timed_infer(merged)
+        except InvalidInput as exc:
+            if len(requests) == 1:
+                return _Computed([exc])
+            computed = self._one_by_one(requests, sizes)
+            computed.retried = exc
+            return computed
+        return _Computed(self._split(outputs, sizes), [(sum(sizes), seconds)])
+
+    def _one_by_one(self, requests: list[Mapping[str, np.ndarray]], sizes: list[int]) -> _Computed:
+        computed = _Computed([])
+        for inputs, size in zip(requests, sizes, strict=True):
+            try:
+                outputs, seconds = self._timed_infer(inputs)
+            except InvalidInput as exc:
+                computed.results.append(exc)
+                continue
+            except Exception as exc:
+                log.warning("a request of %d items, computed alone, failed: %s: %s", size, type(exc).__name__, exc)
+                computed.results.append(_batch_error(f"request of {size} items", exc))
+                continue
+            computed.results.extend(self._split(outputs, [size]))
+            computed.runs.append((size, seconds))
+        return computed
+
+    def _split(self, outputs: Outputs, sizes: list[int]) -> list[Outputs | Exception]:
+        if not self._config.batched:
+            return [outputs]
+        try:
+            return list(split(outputs, sizes))
+        except BatchMismatch as exc:
+            what = f"batch of {len(sizes)} requests ({sum(sizes)} items)"
+            error = BackendError(f"{what} returned outputs that do not match it: {exc}")
+            return [error] * len(sizes)
+
     def _dispatch(self, batch: list[_Pending]) -> None:
         now = time.perf_counter()
         for item in batch:
             self._observer.queued(now - item.started)
         sizes = [item.size for item in batch]
         inputs = [item.inputs for item in batch]
-        merged = merge(inputs, self._names) if self._config.batched else dict(inputs[0])
         self._busy += 1
         if self._config.inline:
             # The model is faster than a thread handoff: compute here, on the loop, and answer at once.
             try:
-                result: tuple[Outputs, float] | BaseException = self._timed_infer(merged)
+                result: _Computed | BaseException = self._compute(inputs, sizes)
             except Exception as exc:
                 result = exc
             self._finished(result, batch, sizes)
             return
-        future = self._loop.run_in_executor(self._executor, self._timed_infer, merged)
+        future = self._loop.run_in_executor(self._executor, self._compute, inputs, sizes)
         future.add_done_callback(lambda f: self._finished(_result_of(f), batch, sizes))
 
-    def _finished(self, result: tuple[Outputs, float] | BaseException, batch: list[_Pending], sizes: list[int]) -> None:
+    def _finished(self, result: _Computed | BaseException, batch: list[_Pending], sizes: list[int]) -> None:
         self._busy -= 1
-        outcome = self._outcome(result, len(batch), sizes)
-        for i, item in enumerate(batch):
+        results = self._outcome(result, sizes)
+        for item, outcome in zip(batch, results, strict=True):
             if item.future.done():
                 continue
             if isinstance(outcome, Exception):
                 item.future.set_exception(outcome)
             else:
-                item.future.set_result(outcome[i])
+                item.future.set_result(outcome)
         self._pump()
 
-    def _outcome(
-        self, result: tuple[Outputs, float] | BaseException, requests: int, sizes: list[int]
-    ) -> list[Outputs] | Exception:
-        what = f"batch of {requests} requests ({sum(sizes)} items)"
+    def _outcome(self, result: _Computed | BaseException, sizes: list[int]) -> list[Outputs | Exception]:
+        what = f"batch of {len(sizes)} requests ({sum(sizes)} items)"
         if isinstance(result, asyncio.CancelledError):
-            return BackendError(f"{what} was cancelled: the server is stopping")
+            return [BackendError(f"{what} was cancelled: the server is stopping")] * len(sizes)
         if isinstance(result, BaseException):
             log.warning("%s failed: %s: %s", what, type(result).__name__, result)
-            return BackendError(f"{what} failed: {type(result).__name__}: {result}")
-        outputs, seconds = result
-        self._observer.computed(sum(sizes), seconds)
-        try:
-            return split(outputs, sizes) if self._config.batched else [outputs]
-        except BatchMismatch as exc:
-            return BackendError(f"{what} returned outputs that do not match it: {exc}")
+            return [_batch_error(what, result)] * len(sizes)
+        for items, seconds in result.runs:
+            self._observer.computed(items, seconds)
+        if result.retried is not None:
+            failed = sum(isinstance(r, Exception) for r in result.results)
+            log.info("%s failed on a request's values (%s); one by one, %d failed", what, result.retried, failed)
+        return result.results
 
 
-def _result_of(future: asyncio.Future[tuple[Outputs, float]]) -> tuple[Outputs, float] | BaseException:
+def _batch_error(what: str, exc: BaseException) -> BackendError:
+    return BackendError(f"{what} failed: {type(exc).__name__}: {exc}")
+
+
+def _result_of(future: asyncio.Future[_Computed]) -> _Computed | BaseException:
     if future.cancelled():
         return asyncio.CancelledError()
     error = future.exception()

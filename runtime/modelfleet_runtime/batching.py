@@ -75,12 +75,29 @@ def validate_inputs(inputs: Mapping[str, np.ndarray], signature: ModelSignature)
                 batch, batch_from = rows, spec.name
             elif rows != batch:
                 raise InvalidInput(f"input '{spec.name}' has batch size {rows} but input '{batch_from}' has {batch}")
+    _check_named_dims(inputs, signature)
     if not signature.batched:
         return 1
     assert batch is not None
     if batch > signature.max_batch_size:
         raise InvalidInput(f"input '{batch_from}' has batch size {batch}, above the maximum {signature.max_batch_size}")
     return batch
+
+
+def _check_named_dims(inputs: Mapping[str, np.ndarray], signature: ModelSignature) -> None:
+    """Axes the model names alike (a shared `seq`, say) must agree across inputs, or the model fails on them."""
+    first: dict[str, tuple[int, str, int]] = {}
+    for spec in signature.inputs:
+        shape = inputs[spec.name].shape
+        for axis, dim in enumerate(spec.dim_names):
+            if dim is None:
+                continue
+            size, other, other_axis = first.setdefault(dim, (shape[axis], spec.name, axis))
+            if size != shape[axis]:
+                raise InvalidInput(
+                    f"input '{spec.name}' has {shape[axis]} along axis {axis} but input '{other}' has {size} along "
+                    f"axis {other_axis}; the model names both '{dim}', so they must be equal"
+                )
 
 
 def validate_outputs(names: Iterable[str], signature: ModelSignature) -> None:

@@ -4,13 +4,20 @@ The binary tensor extension follows Triton's: a request or response whose body i
 raw tensor bytes carries `Inference-Header-Content-Length: <JSON length>`; a tensor sent that way has
 `parameters.binary_data_size` instead of `data`. Outputs come back binary when the request asks for it
 per output (`parameters.binary_data`) or for all (`parameters.binary_data_output`). BYTES tensors use
-Triton's 4-byte little-endian length prefix per element.
+Triton's 4-byte little-endian length prefix per element; a BYTES tensor decodes to an object array of
+`bytes` (JSON strings as their UTF-8), whatever the backend then needs.
+
+JSON data is strict, as OIP is: BOOL takes true/false, integer types JSON integers, floating types JSON
+numbers, BYTES strings; nothing is coerced. JSON cannot carry NaN or infinities, so floating outputs holding
+them are written as the tokens `NaN`, `Infinity` and `-Infinity`, as Triton writes them (and its clients
+read them); binary outputs carry them exactly.
 """
 
 from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +25,15 @@ import numpy as np
 import orjson
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+# NumPy's own limit on dimensions; no model in ONNX Runtime or TensorRT (8) comes near it.
+MAX_DIMS = 64
+# The product of a shape's non-zero dimensions: no request body could carry more elements, and with it
+# every shape (zero-size ones included) is one NumPy and ONNX Runtime can represent.
+MAX_ELEMENTS = 2**40
+# Client text echoed in an error message (names, values) is cut to this many characters.
+ECHO_LIMIT = 100
+# Tensor names are echoed whole in messages, so they are bounded too; real models' names are far shorter.
+MAX_NAME_LENGTH = 1024
 
 # OIP v2 datatype -> NumPy dtype. BF16 has no NumPy dtype and is refused with a clear error.
 DATATYPES: dict[str, np.dtype[Any]] = {
@@ -110,6 +126,14 @@ def error_body(message: str) -> bytes:
     return orjson.dumps({"error": message})
 
 
+def shown(value: object, limit: int = ECHO_LIMIT) -> str:
+    """Client-supplied text for an error message: strings as-is, anything else as its repr, cut to `limit`."""
+    text = value if isinstance(value, str) else repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
+
+
 # --- requests ----------------------------------------------------------------------------------------------
 
 
@@ -136,7 +160,7 @@ def parse_header_length(value: str | None, body_length: int) -> int | None:
     try:
         length = int(value)
     except ValueError:
-        raise InvalidInput(f"{HEADER_LENGTH} must be an integer, got {value!r}") from None
+        raise InvalidInput(f"{HEADER_LENGTH} must be an integer, got {shown(repr(value))}") from None
     if not 0 < length <= body_length:
         raise InvalidInput(f"{HEADER_LENGTH} {length} is outside the body of {body_length} bytes")
     return length
@@ -145,9 +169,28 @@ def parse_header_length(value: str | None, body_length: int) -> int | None:
 def _shape_of(name: str, raw: Any) -> tuple[int, ...]:
     if not isinstance(raw, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in raw):
         raise InvalidInput(f"input '{name}': 'shape' must be a list of integers")
+    if len(raw) > MAX_DIMS:
+        raise InvalidInput(f"input '{name}': shape has {len(raw)} dimensions, above the limit of {MAX_DIMS}")
     if any(d < 0 for d in raw):
-        raise InvalidInput(f"input '{name}': shape {raw} has a negative dimension")
+        raise InvalidInput(f"input '{name}': shape {shown(raw)} has a negative dimension")
+    if math.prod(d for d in raw if d) > MAX_ELEMENTS:
+        raise InvalidInput(f"input '{name}': shape {shown(raw)} has a dimension too large to represent")
     return tuple(raw)
+
+
+def _name_of(kind: str, raw: Any) -> str:
+    if not isinstance(raw, str):
+        raise InvalidInput(f"every {kind} needs a string 'name'")
+    if len(raw) > MAX_NAME_LENGTH:
+        raise InvalidInput(f"{kind} name {shown(raw)} is above the limit of {MAX_NAME_LENGTH} characters")
+    return raw
+
+
+def _datatype_of_input(name: str, raw: Any) -> str:
+    if not isinstance(raw, str) or raw not in DATATYPES:
+        supported = ", ".join(DATATYPES)
+        raise InvalidInput(f"input '{name}': unsupported datatype {shown(repr(raw), 40)} (supported: {supported})")
+    return raw
 
 
 def _bytes_from_binary(name: str, blob: memoryview, count: int) -> np.ndarray:
@@ -179,25 +222,96 @@ def _serialize_bytes(arr: np.ndarray) -> bytes:
     return b"".join(parts)
 
 
-def _from_json_data(name: str, datatype: str, shape: tuple[int, ...], data: Any) -> np.ndarray:
-    count = math.prod(shape)
-    if datatype == "BYTES":
-        flat = np.array(data, dtype=np.object_).reshape(-1) if count else np.empty(0, dtype=np.object_)
-        if flat.size != count:
-            raise InvalidInput(f"input '{name}': {flat.size} elements in 'data' for shape {list(shape)}")
-        for i, item in enumerate(flat):
-            if isinstance(item, str):
-                flat[i] = item.encode("utf-8")
-            elif not isinstance(item, bytes):
-                raise InvalidInput(f"input '{name}': BYTES data must be strings, element {i} is {type(item).__name__}")
-        return flat.reshape(shape)
+# The JSON element types each datatype takes (OIP's JSON is typed; nothing is coerced) and their wording.
+_JSON_TYPES: dict[str, tuple[frozenset[type], str]] = {
+    "BOOL": (frozenset({bool}), "true or false"),
+    **{t: (frozenset({int}), "JSON integers") for t in DATATYPES if t[0] in "IU"},
+    **{t: (frozenset({int, float}), "JSON numbers") for t in DATATYPES if t.startswith("FP")},
+    "BYTES": (frozenset({str}), "strings"),
+}
+_JSON_NAMES = {
+    bool: "true/false",
+    int: "an integer",
+    float: "a floating-point number",
+    str: "a string",
+    dict: "an object",
+}
+
+
+def _leaves(data: list[Any]) -> Iterator[Any]:
+    """Every non-list element of nested lists, in order."""
+    stack = [iter(data)]
+    while stack:
+        for item in stack[-1]:
+            if type(item) is list:
+                stack.append(iter(item))
+                break
+            yield item
+        else:
+            stack.pop()
+
+
+def _leaf_types(data: list[Any]) -> set[type]:
+    """The types of every leaf of nested lists: one C-speed pass per list, a Python step only per nested list."""
+    types: set[type] = set()
+    stack = [data]
+    while stack:
+        items = stack.pop()
+        found = set(map(type, items))
+        if list in found:
+            found.discard(list)
+            stack.extend(x for x in items if type(x) is list)
+        types |= found
+    return types
+
+
+def _check_json_types(name: str, datatype: str, data: list[Any]) -> None:
+    allowed, wording = _JSON_TYPES[datatype]
+    wrong = _leaf_types(data) - allowed
+    if wrong:
+        example = next(x for x in _leaves(data) if type(x) in wrong)
+        kind = _JSON_NAMES.get(type(example), "null" if example is None else type(example).__name__)
+        value = shown(orjson.dumps(example).decode(), 40)
+        raise InvalidInput(f"input '{name}': {datatype} data must be {wording}, found {kind} ({value})")
+
+
+def _bytes_from_json(name: str, shape: tuple[int, ...], data: list[Any]) -> np.ndarray:
     try:
-        arr = np.array(data, dtype=DATATYPES[datatype])
-    except (ValueError, TypeError, OverflowError) as exc:
-        raise InvalidInput(f"input '{name}': 'data' does not hold {datatype} values: {exc}") from None
+        # Every leaf is a str (checked before): a non-str element here is a list NumPy could not make an axis of.
+        flat = np.array(data, dtype=np.object_).reshape(-1)
+        if any(type(x) is not str for x in flat):
+            raise ValueError("ragged")
+    except ValueError:
+        raise InvalidInput(f"input '{name}': 'data' is a ragged nested list") from None
+    if flat.size != math.prod(shape):
+        raise InvalidInput(f"input '{name}': {flat.size} elements in 'data' for shape {list(shape)}")
+    flat[:] = [x.encode("utf-8") for x in flat]
+    return flat.reshape(shape)
+
+
+def _numbers_from_json(name: str, datatype: str, shape: tuple[int, ...], data: list[Any]) -> np.ndarray:
+    try:
+        with np.errstate(over="ignore"):  # a float too large for its type becomes inf: refused just below
+            arr = np.array(data, dtype=DATATYPES[datatype])
+    except OverflowError:
+        raise InvalidInput(f"input '{name}': a value in 'data' is out of range for {datatype}") from None
+    except ValueError:
+        raise InvalidInput(f"input '{name}': 'data' is a ragged nested list") from None
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise InvalidInput(f"input '{name}': a value in 'data' is out of range for {datatype}")
+    count = math.prod(shape)
     if arr.size != count:
         raise InvalidInput(f"input '{name}': {arr.size} elements in 'data' for shape {list(shape)} ({count})")
     return arr.reshape(shape)
+
+
+def _from_json_data(name: str, datatype: str, shape: tuple[int, ...], data: Any) -> np.ndarray:
+    if not isinstance(data, list):
+        raise InvalidInput(f"input '{name}': 'data' must be a list, got {_JSON_NAMES.get(type(data), 'null')}")
+    _check_json_types(name, datatype, data)
+    if datatype == "BYTES":
+        return _bytes_from_json(name, shape, data)
+    return _numbers_from_json(name, datatype, shape, data)
 
 
 def decode_infer_request(body: bytes, header_length: int | None) -> InferRequest:
@@ -226,14 +340,12 @@ def decode_infer_request(body: bytes, header_length: int | None) -> InferRequest
     offset = 0
     inputs: dict[str, np.ndarray] = {}
     for raw in raw_inputs:
-        if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
-            raise InvalidInput("every input needs a string 'name'")
-        name: str = raw["name"]
+        if not isinstance(raw, dict):
+            raise InvalidInput("every input must be an object")
+        name = _name_of("input", raw.get("name"))
         if name in inputs:
             raise InvalidInput(f"input '{name}' appears twice")
-        datatype = raw.get("datatype")
-        if datatype not in DATATYPES:
-            raise InvalidInput(f"input '{name}': unsupported datatype {datatype!r} (supported: {', '.join(DATATYPES)})")
+        datatype = _datatype_of_input(name, raw.get("datatype"))
         shape = _shape_of(name, raw.get("shape"))
         tparams = raw.get("parameters") or {}
         if not isinstance(tparams, dict):
@@ -303,9 +415,9 @@ def _requested_outputs(raw: Any) -> list[RequestedOutput] | None:
         raise InvalidInput("'outputs' must be a list")
     result: list[RequestedOutput] = []
     for item in raw:
-        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
-            raise InvalidInput("every requested output needs a string 'name'")
-        name = item["name"]
+        if not isinstance(item, dict):
+            raise InvalidInput("every requested output must be an object")
+        name = _name_of("output", item.get("name"))
         params = item.get("parameters") or {}
         if not isinstance(params, dict):
             raise InvalidInput(f"output '{name}': 'parameters' must be an object")
@@ -321,6 +433,15 @@ def _requested_outputs(raw: Any) -> list[RequestedOutput] | None:
 # --- responses ---------------------------------------------------------------------------------------------
 
 
+def _nonfinite_json(flat: np.ndarray) -> orjson.Fragment:
+    """A float array with NaN or infinities as JSON text with Triton's tokens for them."""
+    text = flat.astype(str)
+    text[np.isnan(flat)] = "NaN"
+    text[np.isposinf(flat)] = "Infinity"
+    text[np.isneginf(flat)] = "-Infinity"
+    return orjson.Fragment(("[" + ",".join(text.tolist()) + "]").encode())
+
+
 def _json_data(name: str, datatype: str, arr: np.ndarray) -> Any:
     if datatype == "BYTES":
         try:
@@ -328,7 +449,10 @@ def _json_data(name: str, datatype: str, arr: np.ndarray) -> Any:
         except UnicodeDecodeError:
             raise InvalidInput(f"output '{name}' holds non-UTF-8 bytes: request it with binary_data") from None
     # orjson serialises contiguous NumPy arrays natively (OPT_SERIALIZE_NUMPY), far faster than tolist().
-    return np.ascontiguousarray(arr).reshape(-1)
+    flat = np.ascontiguousarray(arr).reshape(-1)
+    if flat.dtype.kind == "f" and not np.isfinite(flat).all():
+        return _nonfinite_json(flat)  # orjson would write null, which reads back as no value at all
+    return flat
 
 
 def encode_infer_response(

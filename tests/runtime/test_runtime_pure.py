@@ -10,12 +10,21 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from modelfleet_runtime.backends.base import TensorSpec, build_warmup_inputs
-from modelfleet_runtime.batcher import Batcher, BatcherConfig
+from modelfleet_runtime.backends.onnxruntime import (
+    MESSAGE_LIMIT,
+    clean_ort_message,
+    input_error,
+    is_input_error,
+    to_ort_strings,
+)
+from modelfleet_runtime.batcher import Batcher, BatcherConfig, BatchObserver, InferFn
 from modelfleet_runtime.batching import (
     BatchMismatch,
     ModelSignature,
@@ -29,12 +38,16 @@ from modelfleet_runtime.batching import (
 from modelfleet_runtime.loader import ModelLoadError, build_model_source, build_warmup_batch_sizes
 from modelfleet_runtime.metrics import DURATION_BUCKETS, Metrics
 from modelfleet_runtime.protocol import (
+    DATATYPES,
+    BackendError,
+    InferRequest,
     InvalidInput,
     decode_infer_request,
     encode_infer_response,
     parse_header_length,
 )
 from modelfleet_runtime.settings import ServeSettings
+from tests.modelzoo import VOCAB, lookup_model, two_io_model, unshared_add_model
 
 CLASSIFIER = ModelSignature(
     inputs=(TensorSpec("input", "FP32", (-1, 16)),),
@@ -259,7 +272,7 @@ def test_bytes_tensors_round_trip_in_binary_and_json() -> None:
         (
             b'{"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": ["a", "b"]}]}',
             None,
-            "input 'x': 'data' does not hold FP32",
+            """input 'x': FP32 data must be JSON numbers, found a string ("a")""",
         ),
         (
             b'{"inputs": [{"name": "x", "shape": [-1], "datatype": "FP32", "data": []}]}',
@@ -269,7 +282,7 @@ def test_bytes_tensors_round_trip_in_binary_and_json() -> None:
         (
             b'{"inputs": [{"name": "x", "shape": [1], "datatype": "UINT8", "data": [300]}]}',
             None,
-            "input 'x': 'data' does not hold UINT8",
+            "input 'x': a value in 'data' is out of range for UINT8",
         ),
         (
             b'{"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": [1, 2]}, '
@@ -473,3 +486,349 @@ def test_thousands_of_queued_requests_all_get_their_own_answer(inline: bool) -> 
         await batcher.close()
 
     asyncio.run(scenario())
+
+
+# --- strict wire format: every mistake is InvalidInput, nothing is coerced ----------------------------------
+
+STRICT = settings(derandomize=True, max_examples=300, deadline=None)
+JSON_SCALARS = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=False), st.text(max_size=5)
+)
+JSON_VALUES = st.recursive(JSON_SCALARS, lambda inner: st.lists(inner, max_size=4), max_leaves=12)
+FIELDS = {
+    "name": st.one_of(st.text(max_size=3), JSON_VALUES),
+    "datatype": st.one_of(st.sampled_from([*DATATYPES, "BF16", "fp32"]), JSON_VALUES),
+    "shape": st.one_of(st.lists(st.integers(-2, 2**63), max_size=70), JSON_VALUES),
+    "data": JSON_VALUES,
+    "parameters": st.one_of(st.none(), st.fixed_dictionaries({"binary_data_size": JSON_VALUES})),
+}
+
+
+def json_request(**tensor: object) -> bytes:
+    return json.dumps({"inputs": [tensor]}).encode()
+
+
+@STRICT
+@given(st.fixed_dictionaries({}, optional=FIELDS))
+def test_decoding_any_json_tensor_raises_only_invalid_input(tensor: dict[str, object]) -> None:
+    outcome = decode_or_error(json_request(**tensor))
+    if isinstance(outcome, InvalidInput):
+        assert len(outcome.message) < 1500  # bounded whatever the client sent
+        return
+    (arr,) = outcome.inputs.values()
+    assert list(arr.shape) == tensor["shape"]
+    assert arr.dtype == DATATYPES[str(tensor["datatype"])]
+
+
+def decode_or_error(body: bytes) -> InferRequest | InvalidInput:
+    try:
+        return decode_infer_request(body, None)
+    except InvalidInput as exc:
+        return exc
+
+
+@pytest.mark.parametrize(
+    ("datatype", "data", "needle"),
+    [
+        ("FP32", ["1.5"], 'FP32 data must be JSON numbers, found a string ("1.5")'),
+        ("FP64", [None], "FP64 data must be JSON numbers, found null (null)"),
+        ("FP16", [True], "FP16 data must be JSON numbers, found true/false (true)"),
+        ("FP16", [70000.0], "a value in 'data' is out of range for FP16"),
+        ("INT32", [1.9], "INT32 data must be JSON integers, found a floating-point number (1.9)"),
+        ("INT64", [1.0], "INT64 data must be JSON integers, found a floating-point number (1.0)"),
+        ("INT8", [False], "INT8 data must be JSON integers, found true/false (false)"),
+        ("UINT32", [-1], "a value in 'data' is out of range for UINT32"),
+        ("UINT64", [2**64], "UINT64 data must be JSON integers, found a floating-point number"),  # orjson: a float
+        ("BOOL", [1], "BOOL data must be true or false, found an integer (1)"),
+        ("BYTES", [{"b64": "AA=="}], 'BYTES data must be strings, found an object ({"b64":"AA=="})'),
+        ("INT64", [[1, 2], [3]], "'data' is a ragged nested list"),
+        ("INT64", 7, "'data' must be a list, got an integer"),
+    ],
+)
+def test_json_data_is_never_coerced(datatype: str, data: object, needle: str) -> None:
+    with pytest.raises(InvalidInput) as info:
+        decode_infer_request(json_request(name="x", datatype=datatype, shape=[1], data=data), None)
+    assert f"input 'x': {needle}" in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("datatype", "data", "want"),
+    [
+        ("FP32", [1, 2.5], np.array([1.0, 2.5], np.float32)),  # a JSON integer is a number
+        ("UINT64", [2**64 - 1, 0], np.array([2**64 - 1, 0], np.uint64)),
+        ("INT8", [-128, 127], np.array([-128, 127], np.int8)),
+        ("BOOL", [True, False], np.array([True, False])),
+    ],
+)
+def test_json_data_of_the_right_type_decodes_exactly(datatype: str, data: list[object], want: np.ndarray) -> None:
+    got = decode_infer_request(json_request(name="x", datatype=datatype, shape=[2], data=data), None).inputs["x"]
+    assert got.dtype == want.dtype
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "needle"),
+    [
+        ("datatype", ["FP32"], "input 'x': unsupported datatype ['FP32']"),
+        ("datatype", "x" * 1000, "unsupported datatype 'xxxxxxxx"),
+        ("shape", [1] * 65, "shape has 65 dimensions, above the limit of 64"),
+        ("shape", [0, 2**41], "has a dimension too large to represent"),
+        ("shape", [0, 2**20, 2**20, 2**20], "has a dimension too large to represent"),
+        ("name", "n" * 1025, "above the limit of 1024 characters"),
+    ],
+)
+def test_fields_out_of_bounds_are_refused_with_a_bounded_message(field: str, value: object, needle: str) -> None:
+    tensor: dict[str, object] = {"name": "x", "datatype": "FP32", "shape": [0], "data": [], field: value}
+    with pytest.raises(InvalidInput) as info:
+        decode_infer_request(json_request(**tensor), None)
+    assert needle in info.value.message
+    assert len(info.value.message) < 300
+
+
+@pytest.mark.parametrize(("shape", "data"), [([1] * 64, [0.5]), ([0, 2**40], [])])
+def test_the_largest_shapes_allowed_still_decode(shape: list[int], data: list[float]) -> None:
+    decoded = decode_infer_request(json_request(name="x", datatype="FP32", shape=shape, data=data), None)
+    assert list(decoded.inputs["x"].shape) == shape
+
+
+def binary_bytes_request(name: str, elements: list[bytes]) -> tuple[bytes, int]:
+    blob = b"".join(len(e).to_bytes(4, "little") + e for e in elements)
+    tensor = {
+        "name": name,
+        "datatype": "BYTES",
+        "shape": [len(elements)],
+        "parameters": {"binary_data_size": len(blob)},
+    }
+    header = json_request(**tensor)
+    return header + blob, len(header)
+
+
+@STRICT
+@given(st.lists(st.binary(max_size=20), max_size=8))
+def test_binary_bytes_round_trip_exactly(elements: list[bytes]) -> None:
+    body, length = binary_bytes_request("w", elements)
+    decoded = decode_infer_request(body, length).inputs["w"]
+    assert decoded.dtype == np.object_ and decoded.tolist() == elements
+    encoded, header = encode_infer_response(
+        model_name="m", model_version="1", request_id=None, outputs=[("w", "BYTES", decoded, True)]
+    )
+    assert header is not None and encoded[header:] == body[length:]
+
+
+@STRICT
+@given(st.lists(st.text(max_size=10), max_size=8))
+def test_json_strings_reach_onnx_runtime_as_the_same_text(words: list[str]) -> None:
+    raw = json_request(name="w", datatype="BYTES", shape=[len(words)], data=words)
+    decoded = decode_infer_request(raw, None).inputs["w"]
+    assert decoded.tolist() == [w.encode() for w in words]
+    assert to_ort_strings("w", decoded).tolist() == words
+    body, _ = encode_infer_response(
+        model_name="m", model_version="1", request_id=None, outputs=[("w", "BYTES", np.array(words, np.object_), False)]
+    )
+    assert json.loads(body)["outputs"][0]["data"] == words
+
+
+def test_bytes_that_are_not_utf8_are_refused_naming_the_element() -> None:
+    with pytest.raises(InvalidInput, match=r"input 'w': element 2 is not valid UTF-8"):
+        to_ort_strings("w", np.array([b"ok", "λ".encode(), b"\xc3"], np.object_))
+
+
+@STRICT
+@given(st.lists(st.floats(width=32), min_size=1, max_size=12), st.sampled_from(["FP16", "FP32", "FP64"]))
+def test_json_float_outputs_keep_nan_and_infinities(values: list[float], datatype: str) -> None:
+    with np.errstate(over="ignore"):  # float32 values beyond FP16 become infinities, which is fine here
+        arr = np.array(values, DATATYPES[datatype])
+    body, _ = encode_infer_response(
+        model_name="m", model_version="1", request_id=None, outputs=[("y", datatype, arr, False)]
+    )
+    assert b"null" not in body
+    got = np.array(json.loads(body)["outputs"][0]["data"], DATATYPES[datatype])  # Python reads NaN, Infinity
+    np.testing.assert_array_equal(got, arr)
+
+
+# --- ONNX Runtime's errors, as it really raises them -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ort_errors(tmp_path_factory: pytest.TempPathFactory) -> dict[str, BaseException]:
+    """The exceptions ONNX Runtime raises for bad values, collected by running it."""
+    root = tmp_path_factory.mktemp("ort")
+    runs = {
+        "gather": (lookup_model(root / "l.onnx"), {"idx": np.array([[VOCAB]], np.int64)}),
+        "broadcast": (
+            unshared_add_model(root / "u.onnx"),
+            {"a": np.ones((1, 3), np.float32), "b": np.ones((1, 4), np.float32)},
+        ),
+        "rank": (
+            two_io_model(root / "t.onnx"),
+            {"a": np.ones((1, 3, 1), np.float32), "b": np.ones((1, 3), np.float32)},
+        ),
+    }
+    errors: dict[str, BaseException] = {}
+    for key, (path, feeds) in runs.items():
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        with pytest.raises((ort_state.InvalidArgument, ort_state.Fail)) as info:
+            session.run(None, feeds)
+        errors[key] = info.value
+    return errors
+
+
+@pytest.mark.parametrize(
+    ("key", "kind", "message"),
+    [
+        (
+            "gather",
+            "InvalidArgument",
+            "input 'idx' was rejected by the model: Gather node: indices element out of data bounds, idx=10 must be "
+            "within the inclusive range [-10,9]",
+        ),
+        (
+            "broadcast",
+            "Fail",
+            "inputs 'a', 'b' were rejected by the model: Add node: Attempting to broadcast an axis by a dimension "
+            "other than 1. 3 by 4",
+        ),
+        (
+            "rank",
+            "InvalidArgument",
+            "input 'a' was rejected by the model: Invalid rank for input: a Got: 3 Expected: 2 Please fix either "
+            "the inputs/outputs or the model.",
+        ),
+    ],
+)
+def test_onnx_runtime_value_errors_become_clean_400s(
+    ort_errors: dict[str, BaseException], key: str, kind: str, message: str
+) -> None:
+    exc = ort_errors[key]
+    assert type(exc).__name__ == kind
+    assert is_input_error(exc)
+    assert input_error(exc, ["a", "b"] if key != "gather" else ["idx"]).message == message
+
+
+def test_other_failures_stay_server_faults() -> None:
+    fail = type("Fail", (Exception,), {"__module__": "onnxruntime.capi.onnxruntime_pybind11_state"})
+    runtime = type("RuntimeException", (Exception,), {"__module__": "onnxruntime.capi.onnxruntime_pybind11_state"})
+    assert not is_input_error(
+        fail("Non-zero status code returned while running MatMul node. Failed to allocate memory")
+    )
+    assert not is_input_error(runtime("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : CUDA failure 2: out of memory"))
+    assert not is_input_error(fail("[ONNXRuntimeError] : 1 : FAIL : Load model from x failed"))
+    assert not is_input_error(ValueError("Non-zero status code returned while running Gather node"))
+
+
+@pytest.mark.parametrize(
+    ("raw", "clean"),
+    [
+        (
+            "[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running Reshape node. Name:'r1' "
+            "Status Message: /onnxruntime_src/onnxruntime/core/providers/cpu/tensor/reshape_helper.h:47 "
+            "onnxruntime::ReshapeHelper::ReshapeHelper(const onnxruntime::TensorShape&, "
+            "onnxruntime::TensorShapeVector&, bool) input_shape_size == size was false. "
+            "The input tensor cannot be reshaped to the requested shape. Input shape:{1,3}, requested shape:{4}\n",
+            "Reshape node 'r1': The input tensor cannot be reshaped to the requested shape. Input shape:{1,3}, "
+            "requested shape:{4}",
+        ),
+        ("loading /home/user/models/secret/model.onnx failed", "loading <path> failed"),
+        ("x" * 1000, "x" * MESSAGE_LIMIT + "..."),
+    ],
+)
+def test_onnx_runtime_messages_lose_paths_and_signatures(raw: str, clean: str) -> None:
+    assert clean_ort_message(raw) == clean
+
+
+# --- a bad request in a batch fails alone ------------------------------------------------------------------
+
+
+def run_batcher(infer: InferFn, rows: list[float], *, inline: bool) -> list[dict[str, np.ndarray] | BaseException]:
+    async def scenario() -> list[dict[str, np.ndarray] | BaseException]:
+        config = BatcherConfig(
+            max_batch_size=len(rows),
+            preferred_batch_sizes=frozenset(),
+            max_queue_delay_s=3600.0,
+            max_queue_size=0,
+            instances=1,
+            batched=True,
+            inline=inline,
+        )
+        batcher = Batcher(infer=infer, input_names=("x",), config=config, observer=observer)
+        futures = [batcher.submit({"x": np.full((1, 1), r, np.float32)}, 1, (), None) for r in rows]
+        results = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), timeout=60)
+        await batcher.close()
+        return results
+
+    observer = RecordingObserver()
+    results = asyncio.run(scenario())
+    run_batcher.observed = observer.batches  # type: ignore[attr-defined]
+    return results
+
+
+class RecordingObserver(BatchObserver):
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+
+    def computed(self, batch_size: int, seconds: float) -> None:
+        self.batches.append(batch_size)
+
+
+def no_negatives(calls: list[int]) -> InferFn:
+    def infer(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        calls.append(len(inputs["x"]))
+        if (inputs["x"] < 0).any():
+            raise InvalidInput("input 'x' was rejected by the model: negative")
+        return {"y": inputs["x"] * 2}
+
+    return infer
+
+
+@pytest.mark.parametrize("inline", [True, False], ids=["inline", "executor"])
+def test_a_value_error_retries_the_batch_one_request_at_a_time(inline: bool) -> None:
+    calls: list[int] = []
+    rows = [1.0, 2.0, -3.0, 4.0, -5.0, 6.0]
+    results = run_batcher(no_negatives(calls), rows, inline=inline)
+    for row, result in zip(rows, results, strict=True):
+        if row < 0:
+            assert isinstance(result, InvalidInput) and "input 'x'" in result.message
+        else:
+            assert isinstance(result, dict)
+            assert result["y"].tolist() == [[row * 2]]
+    assert calls == [6, 1, 1, 1, 1, 1, 1]
+    assert run_batcher.observed == [1, 1, 1, 1]  # type: ignore[attr-defined]
+
+
+def test_a_valid_batch_is_computed_once() -> None:
+    calls: list[int] = []
+    results = run_batcher(no_negatives(calls), [1.0, 2.0, 3.0], inline=True)
+    assert [r["y"].tolist() for r in results if isinstance(r, dict)] == [[[2.0]], [[4.0]], [[6.0]]]
+    assert calls == [3]
+
+
+def test_a_server_fault_fails_the_whole_batch_without_a_retry() -> None:
+    calls: list[int] = []
+
+    def broken(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        calls.append(len(inputs["x"]))
+        raise RuntimeError("device lost")
+
+    results = run_batcher(broken, [1.0, 2.0, 3.0], inline=False)
+    assert all(isinstance(r, BackendError) and "batch of 3 requests (3 items) failed" in r.message for r in results)
+    assert calls == [3]
+
+
+def test_named_dimensions_must_agree_across_inputs() -> None:
+    sig = ModelSignature(
+        inputs=(
+            TensorSpec("ids", "INT64", (-1, -1), ("batch", "seq")),
+            TensorSpec("mask", "INT64", (-1, -1), ("batch", "seq")),
+            TensorSpec("extra", "INT64", (-1, -1), ("batch", None)),
+        ),
+        outputs=(),
+        max_batch_size=8,
+    )
+    ok = {"ids": np.zeros((2, 5), np.int64), "mask": np.zeros((2, 5), np.int64), "extra": np.zeros((2, 9), np.int64)}
+    assert validate_inputs(ok, sig) == 2
+    with pytest.raises(InvalidInput) as info:
+        validate_inputs({**ok, "mask": np.zeros((2, 4), np.int64)}, sig)
+    assert info.value.message == (
+        "input 'mask' has 4 along axis 1 but input 'ids' has 5 along axis 1; the model names both 'seq', "
+        "so they must be equal"
+    )

@@ -5,13 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 import tritonclient.http as httpclient
-from onnx import TensorProto, helper, numpy_helper
 from tritonclient.utils import InferenceServerException
 
-from tests.modelzoo import FEATURES, IR_VERSION, OPSET, classifier_reference, two_io_reference
+from tests.modelzoo import FEATURES, VOCAB, classifier_reference, lookup_model, two_io_reference
 from tests.runtime.conftest import ServerFactory, ServerProcess
 
 CONCURRENT = 64
@@ -21,7 +19,7 @@ def batch_histogram(server: ServerProcess) -> tuple[float, float, float]:
     """(batches, items, batches of exactly one item) from modelfleet_batch_size."""
     batches = server.metric("modelfleet_batch_size_count")
     items = server.metric("modelfleet_batch_size_sum")
-    singles = server.metric("modelfleet_batch_size_bucket", le="1.0")
+    singles = server.metric("modelfleet_batch_size_bucket", le="1")
     return batches, items, singles
 
 
@@ -127,51 +125,64 @@ def test_io_binding_and_two_instances_give_the_same_results(
     assert "io_binding=True" in server.log()
 
 
-def lookup_model(path: Path) -> Path:
-    """`idx` INT64 [batch, 1] -> `row` FP32 [batch, 1, 4]: a table lookup that fails on an index >= 10."""
-    table = numpy_helper.from_array(np.arange(40, dtype=np.float32).reshape(10, 4), "table")
-    graph = helper.make_graph(
-        [helper.make_node("Gather", ["table", "idx"], ["row"], axis=0)],
-        "lookup",
-        [helper.make_tensor_value_info("idx", TensorProto.INT64, ["batch", 1])],
-        [helper.make_tensor_value_info("row", TensorProto.FLOAT, ["batch", 1, 4])],
-        initializer=[table],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-    model.ir_version = IR_VERSION
-    onnx.save(model, str(path))
-    return path
+VALID = 20
+
+
+def lookup_request(index: int) -> list[httpclient.InferInput]:
+    inp = httpclient.InferInput("idx", [1, 1], "INT64")
+    inp.set_data_from_numpy(np.array([[index]], dtype=np.int64))
+    return [inp]
 
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("inline_us", ["0", "1000000"], ids=["executor", "inline"])
-def test_a_failing_batch_fails_only_its_own_requests(
+def test_a_bad_value_fails_alone_and_its_batch_mates_get_their_answers(
     start_server: ServerFactory, tmp_path: Path, inline_us: str
 ) -> None:
-    # maxBatchSize 4 and a 10-minute delay: the four requests sent together form exactly one batch.
+    # maxBatchSize 21 and a 10-minute delay: the 21 requests sent together leave as exactly one full batch.
     server = start_server(
         lookup_model(tmp_path / "lookup.onnx"),
         "lookup",
-        max_batch_size="4",
+        max_batch_size=str(VALID + 1),
         max_queue_delay_microseconds="600000000",
         inline_compute_microseconds=inline_us,
     )
-    client = httpclient.InferenceServerClient(url=server.host, concurrency=8, network_timeout=120)
+    client = httpclient.InferenceServerClient(url=server.host, concurrency=VALID + 1, network_timeout=120)
+    indices = [i % VOCAB for i in range(VALID)]
+    indices.insert(VALID // 2, VOCAB + 89)  # the poisoned one, in the middle of the batch
+    pending = [client.async_infer("lookup", lookup_request(i)) for i in indices]
 
-    def request(index: int) -> list[httpclient.InferInput]:
-        inp = httpclient.InferInput("idx", [1, 1], "INT64")
-        inp.set_data_from_numpy(np.array([[index]], dtype=np.int64))
-        return [inp]
+    for index, request in zip(indices, pending, strict=True):
+        if index >= VOCAB:
+            with pytest.raises(InferenceServerException) as info:
+                request.get_result(timeout=120)
+            assert info.value.status() == "400"
+            assert "input 'idx' was rejected by the model: Gather node: " in info.value.message()
+            assert "idx=99 must be within the inclusive range [-10,9]" in info.value.message()
+        else:
+            row = request.get_result(timeout=120).as_numpy("row")
+            np.testing.assert_array_equal(row, [[np.arange(4) + 4 * index]])
+    assert f"batch of {VALID + 1} requests ({VALID + 1} items) failed on a request's values" in server.log()
+    assert "one by one, 1 failed" in server.log()
+    assert server.metric("modelfleet_requests_total", outcome="success") == VALID
+    assert server.metric("modelfleet_requests_total", outcome="invalid") == 1
+    assert server.metric("modelfleet_requests_total", outcome="error") == 0
+    # The retry computed the valid requests one at a time; the failed batch itself is not counted.
+    batches, items, singles = batch_histogram(server)
+    assert (batches, items, singles) == (VALID, VALID, VALID)
 
-    poisoned = [client.async_infer("lookup", request(i)) for i in (1, 2, 99, 3)]
-    for pending in poisoned:
-        with pytest.raises(InferenceServerException) as info:
-            pending.get_result(timeout=120)
-        assert info.value.status() == "500"
-        assert "batch of 4 requests (4 items) failed" in info.value.message()
-    assert server.metric("modelfleet_requests_total", outcome="error") == 4
 
-    healthy = [client.async_infer("lookup", request(i)) for i in (4, 5, 6, 7)]
-    for i, pending in zip((4, 5, 6, 7), healthy, strict=True):
-        np.testing.assert_array_equal(pending.get_result(timeout=120).as_numpy("row"), [[np.arange(4) + 4 * i]])
-    assert server.metric("modelfleet_requests_total", outcome="success") == 4
+@pytest.mark.timeout(300)
+def test_a_batch_of_valid_requests_is_computed_once(start_server: ServerFactory, tmp_path: Path) -> None:
+    server = start_server(
+        lookup_model(tmp_path / "lookup.onnx"),
+        "lookup",
+        max_batch_size=str(VALID),
+        max_queue_delay_microseconds="600000000",
+    )
+    client = httpclient.InferenceServerClient(url=server.host, concurrency=VALID, network_timeout=120)
+    pending = [client.async_infer("lookup", lookup_request(i % VOCAB)) for i in range(VALID)]
+    for i, request in enumerate(pending):
+        np.testing.assert_array_equal(request.get_result(timeout=120).as_numpy("row"), [[np.arange(4) + 4 * (i % 10)]])
+    assert batch_histogram(server) == (1, VALID, 0)
+    assert "one by one" not in server.log()

@@ -13,11 +13,16 @@ from modelfleet_runtime.protocol import DATATYPES
 
 @dataclass(frozen=True, slots=True)
 class TensorSpec:
-    """One model input or output: OIP datatype and shape, -1 for a dynamic dimension (batch axis included)."""
+    """One model input or output: OIP datatype and shape, -1 for a dynamic dimension (batch axis included).
+
+    `dim_names` gives each axis's symbolic name where the model declares one (ONNX `dim_param`): axes of
+    the same name must have the same size in a request, whichever inputs they are on.
+    """
 
     name: str
     datatype: str
     shape: tuple[int, ...]
+    dim_names: tuple[str | None, ...] = ()
 
     @property
     def dtype(self) -> np.dtype[Any]:

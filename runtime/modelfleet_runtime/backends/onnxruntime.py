@@ -1,8 +1,16 @@
-"""ONNX Runtime backend: providers tried in the order TensorRT, CUDA, CPU, with tuned session options."""
+"""ONNX Runtime backend: providers tried in the order TensorRT, CUDA, CPU, with tuned session options.
+
+Two things ONNX Runtime's Python API does not do for us: string tensors go in as `str` (it turns `bytes`
+into their repr, and takes no byte strings at all, so BYTES elements must be UTF-8), and its errors say
+nothing of whose fault they are. An error caused by the request's values (ONNX Runtime's INVALID_ARGUMENT,
+or a kernel's FAIL on values it cannot compute with) becomes `InvalidInput` naming the input, with ONNX
+Runtime's source paths and C++ signatures taken out; anything else stays a server fault.
+"""
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from modelfleet_runtime.backends.base import TensorSpec, run_warmup
+from modelfleet_runtime.protocol import InvalidInput
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +77,83 @@ def _spec(node: Any) -> TensorSpec:
     datatype = ORT_TYPES.get(node.type)
     if datatype is None:
         raise ValueError(f"tensor '{node.name}' has type {node.type}, which the server cannot carry")
-    return TensorSpec(name=node.name, datatype=datatype, shape=tuple(_dim(d) for d in node.shape))
+    return TensorSpec(
+        name=node.name,
+        datatype=datatype,
+        shape=tuple(_dim(d) for d in node.shape),
+        dim_names=tuple(d if isinstance(d, str) and d else None for d in node.shape),
+    )
+
+
+# --- strings -----------------------------------------------------------------------------------------------
+
+
+def to_ort_strings(name: str, arr: np.ndarray) -> np.ndarray:
+    """A BYTES array (object array of bytes) as the object array of `str` ONNX Runtime takes, byte-exact."""
+    flat = arr.reshape(-1)
+    try:
+        text = [x.decode("utf-8") if isinstance(x, bytes) else str(x) for x in flat]
+    except UnicodeDecodeError:
+        index = next(i for i, x in enumerate(flat) if isinstance(x, bytes) and not _is_utf8(x))
+        raise InvalidInput(
+            f"input '{name}': element {index} is not valid UTF-8; ONNX Runtime takes string tensors as UTF-8 text"
+        ) from None
+    out = np.empty(len(text), dtype=np.object_)
+    out[:] = text
+    return out.reshape(arr.shape)
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+# --- errors ------------------------------------------------------------------------------------------------
+
+_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
+_NODE = re.compile(r"Non-zero status code returned while running (\w+) node\. Name:'([^']*)' Status Message: ")
+# ORT_ENFORCE's "<file>:<line> <C++ signature> <condition> was false. "; the message after it is the useful part.
+_SOURCE = re.compile(r"\S*onnxruntime_src\S*:\d+ (?:[^()]*\([^()]*\)(?: const)? )?(?:.*? was false\. )?")
+_PATH = re.compile(r"(?:/[\w.+-]+){2,}")
+_ALLOCATION = re.compile(r"alloc|out of memory", re.IGNORECASE)
+_FOR_INPUT = re.compile(r"for input: (\S+)")
+MESSAGE_LIMIT = 300
+
+
+def clean_ort_message(text: str) -> str:
+    """ONNX Runtime's message for a client: no error-code prefix, no source paths, signatures or long tails."""
+    text = _PREFIX.sub("", text)
+    text = _NODE.sub(lambda m: f"{m[1]} node" + (f" '{m[2]}'" if m[2] else "") + ": ", text)
+    text = _PATH.sub("<path>", _SOURCE.sub("", text))
+    text = " ".join(text.split())
+    return text if len(text) <= MESSAGE_LIMIT else text[:MESSAGE_LIMIT] + "..."
+
+
+def is_input_error(exc: BaseException) -> bool:
+    """Whether ONNX Runtime failed because of the values it was given rather than the server's state."""
+    if not type(exc).__module__.endswith("onnxruntime_pybind11_state"):
+        return False
+    kind = type(exc).__name__
+    if kind == "InvalidArgument":
+        return True
+    # A kernel's own check (a broadcast, a reshape) fails as FAIL while running its node; so does an
+    # allocation that did not fit, which is the server's problem.
+    message = str(exc)
+    return kind == "Fail" and "while running" in message and not _ALLOCATION.search(message)
+
+
+def input_error(exc: BaseException, input_names: Sequence[str]) -> InvalidInput:
+    """The client's error for an ONNX Runtime failure on its values, naming the input where it can."""
+    detail = clean_ort_message(str(exc))
+    named = _FOR_INPUT.search(str(exc))
+    blamed = [named[1]] if named and named[1] in input_names else list(input_names)
+    if len(blamed) == 1:
+        return InvalidInput(f"input '{blamed[0]}' was rejected by the model: {detail}")
+    quoted = ", ".join(f"'{n}'" for n in blamed)
+    return InvalidInput(f"inputs {quoted} were rejected by the model: {detail}")
 
 
 class OnnxRuntimeBackend:
@@ -101,6 +186,11 @@ class OnnxRuntimeBackend:
         self._inputs = tuple(_spec(n) for n in self._session.get_inputs())
         self._outputs = tuple(_spec(n) for n in self._session.get_outputs())
         self._output_names = [s.name for s in self._outputs]
+        self._input_names = [s.name for s in self._inputs]
+        self._strings = frozenset(s.name for s in self._inputs if s.datatype == "BYTES")
+        # Errors caused by a request are the client's (InvalidInput); ONNX Runtime need not log each one.
+        self._run_options = ort.RunOptions()
+        self._run_options.log_severity_level = 4
         on_gpu = bool(self.providers) and self.providers[0] in GPU_PROVIDERS
         mode = self._options.io_binding
         self.io_binding = mode == "on" or (mode == "auto" and on_gpu)
@@ -124,9 +214,17 @@ class OnnxRuntimeBackend:
         return None
 
     def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self.io_binding:
-            return self._infer_bound(inputs)
-        results = self._session.run(self._output_names, dict(inputs))
+        feeds = {n: to_ort_strings(n, a) if n in self._strings else a for n, a in inputs.items()}
+        try:
+            if self.io_binding:
+                return self._infer_bound(feeds)
+            results = self._session.run(self._output_names, feeds, self._run_options)
+        except UnicodeDecodeError:
+            raise RuntimeError("the model made a string that is not UTF-8, which ONNX Runtime cannot return") from None
+        except Exception as exc:
+            if is_input_error(exc):
+                raise input_error(exc, self._input_names) from None
+            raise
         return dict(zip(self._output_names, results, strict=True))
 
     def _infer_bound(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -137,7 +235,7 @@ class OnnxRuntimeBackend:
             binding.bind_cpu_input(name, np.ascontiguousarray(arr))
         for name in self._output_names:
             binding.bind_output(name, self._device)
-        self._session.run_with_iobinding(binding)
+        self._session.run_with_iobinding(binding, self._run_options)
         results = binding.copy_outputs_to_cpu()
         return dict(zip(self._output_names, results, strict=True))
 
