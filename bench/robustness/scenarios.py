@@ -66,13 +66,21 @@ def malformed(servers: dict[str, Serve], scale: Scale) -> list[Row]:
     rows: list[Row] = []
     for model, server in servers.items():
         counts = fuzz_counts(fz.CASES[model], server, scale.fuzz_per_model)
-        total = sum(counts[k] for k in ("2xx", "4xx", "5xx", "hang"))
-        bad = counts["5xx"] + counts["hang"] + counts["wrong"] + counts["accepted_bad"] + counts["unclean"]
+        total = sum(counts[k] for k in ("2xx", "4xx", "5xx", "hang", "dropped"))
+        bad = (
+            counts["5xx"]
+            + counts["hang"]
+            + counts["dropped"]
+            + counts["wrong"]
+            + counts["accepted_bad"]
+            + counts["unclean"]
+        )
         rows.append(
             Row(
                 "malformed",
                 f"{model}: {total} generated",
                 f"2xx {counts['2xx']}, 4xx {counts['4xx']}, 5xx {counts['5xx']}, hang {counts['hang']}, "
+                f"dropped {counts['dropped']}, "
                 f"wrong output {counts['wrong']}/{counts['valid']} valid, bad accepted {counts['accepted_bad']}, "
                 f"unclean error body {counts['unclean']}",
                 "0 5xx, 0 hangs, 0 wrong, every mistake a clean 4xx",
@@ -116,8 +124,12 @@ def _classify(
     url = f"http://127.0.0.1:{server.port}/v2/models/{case.model}/infer"
     try:
         response = session.post(url, data=body, headers=headers, timeout=fz.CLIENT_TIMEOUT)
-    except requests.RequestException:
+    except requests.Timeout:
         counts["hang"] += 1
+        session.close()
+        return
+    except requests.RequestException:
+        counts["dropped"] += 1
         session.close()
         return
     status = response.status_code
