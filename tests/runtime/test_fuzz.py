@@ -80,7 +80,7 @@ FUZZ = settings(
     derandomize=True,
     database=None,
     deadline=None,
-    max_examples=60,
+    max_examples=40,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 
@@ -811,7 +811,7 @@ MUTATIONS = [(m, f) for m in MODELS for f in COMMON_MUTATIONS + MODEL_MUTATIONS.
 
 
 @pytest.mark.parametrize(("model", "mutation"), MUTATIONS, ids=[f"{m}-{f.__name__}" for m, f in MUTATIONS])
-@settings(FUZZ, max_examples=25)
+@settings(FUZZ, max_examples=15)
 @given(data=st.data())
 def test_mutated_requests_get_a_clean_4xx(model: str, mutation: Mutation, data: st.DataObject, fleet: Fleet) -> None:
     case = CASES[model]
