@@ -14,7 +14,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml uv.lock | sha256sum | cut
 
 .DEFAULT_GOAL := help
 .PHONY: help install lock test-latest test lint unit e2e e2e-real demo manifests cluster-up cluster-down cluster-status \
-        cluster-kubeconfig images bench-runtime bench-build bench-int8 bench-autoscale bench-http bench-operator clean
+        cluster-kubeconfig images bench-runtime bench-build bench-int8 bench-autoscale bench-http bench-operator bench-robustness clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -103,6 +103,9 @@ bench-http: $(BENCH_STAMP) ## HTTP stacks compared for the runtime (uvicorn, aio
 
 bench-operator: $(BENCH_STAMP) ## 200 InferenceModels on ~50 fake GPU nodes
 	$(PY) -m bench.bench_operator $(BENCH_ARGS)
+
+bench-robustness: $(BENCH_STAMP) ## the runtime under malformed input, HTTP abuse, slow clients, overload and SIGTERM
+	$(PY) -m bench.bench_robustness $(BENCH_ARGS)
 
 clean: ## remove caches in the work tree (not the cluster's binary cache)
 	rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis
