@@ -344,8 +344,9 @@ def json_data(datatype: str, arr: np.ndarray, nested: bool) -> Any:
 @st.composite
 def tensor_values(draw: st.DrawFn, tensor: Tensor, count: int, binary: bool) -> list[Any]:
     if tensor.datatype == "BYTES":
-        # JSON carries text (UTF-8); the binary extension carries any bytes at all.
-        items = st.binary(max_size=12) if binary else st.text(max_size=8).map(lambda s: s.encode("utf-8"))
+        # An ONNX string tensor holds UTF-8 text (ONNX Runtime takes nothing else), any text at all, NUL too;
+        # bytes that are not UTF-8 are a client mistake (`not_utf8`).
+        items = st.text(max_size=12 if binary else 8).map(lambda s: s.encode("utf-8"))
         return draw(st.lists(items, min_size=count, max_size=count))
     items = element(tensor.datatype) if tensor.elements is None else tensor.elements
     return draw(st.lists(items, min_size=count, max_size=count))
@@ -605,6 +606,18 @@ def poison(request: Request, where: int, token: int) -> None:
     _replace(request, "input_ids", arr)
 
 
+def not_utf8(draw: st.DrawFn, case: Case, request: Request) -> bool:
+    """Bytes a string tensor cannot hold, sent with the binary extension: refused, never altered."""
+    arr = request.arrays["text"].copy()
+    if arr.size == 0:
+        return False
+    bad = draw(st.sampled_from([b"\x80", b"\xff\xfe", b"ok\xc3", b"\xed\xa0\x80"]))
+    arr.reshape(-1)[draw(st.integers(0, arr.size - 1))] = bad
+    next(e for e in request.doc["inputs"] if e["name"] == "text").pop("data", None)  # JSON cannot carry them
+    _replace(request, "text", arr)
+    return True
+
+
 def mismatched_dims(draw: st.DrawFn, case: Case, request: Request) -> bool:
     """Inputs that disagree on a shared dynamic dimension (seq): the model would fail on them."""
     name = case.inputs[-1].name
@@ -681,6 +694,7 @@ COMMON_MUTATIONS: list[Mutation] = [
 MODEL_MUTATIONS: dict[str, list[Mutation]] = {
     "tokens": [token_out_of_range, mismatched_dims],
     "two_io": [mismatched_dims],
+    "strings": [not_utf8],
 }
 
 
