@@ -572,7 +572,7 @@ def binary_lie(draw: st.DrawFn, case: Case, request: Request) -> bool:
         }
         request.blobs.setdefault(entry["name"], b"")
     elif how == "header":
-        request.headers[HEADER_LENGTH] = draw(st.sampled_from(["0", "-5", "abc", "99999999", "1.5", "", " 3"]))
+        request.headers[HEADER_LENGTH] = draw(st.sampled_from(["0", "-5", "abc", "99999999", "1.5", "", "+3", "3 3"]))
         request.blobs.setdefault("_pad", b"\0")
     elif how == "trailing":
         request.blobs["_extra"] = draw(st.binary(min_size=1, max_size=16))
