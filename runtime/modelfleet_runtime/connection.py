@@ -94,7 +94,7 @@ class HardenedProtocol(HttpToolsProtocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.timeout_keep_alive = self.limits.idle_timeout_s
+        self.timeout_keep_alive = self.limits.idle_timeout_s  # type: ignore[assignment]  # a float works
         self._awaiting_headers = True
         self._header_bytes = 0
         self._deadline: asyncio.TimerHandle | None = None

@@ -11,7 +11,9 @@ which subclassing uvicorn's `Server` gives.
 `create_app()` builds the same app from the environment for uvicorn's or granian's command line.
 
 Endpoints: GET /v2, /v2/health/live, /v2/health/ready, /v2/models/{m}[/versions/{v}], .../ready, .../config,
-POST .../infer, GET /metrics. Every error body is {"error": "..."}.
+POST .../infer, GET /metrics. Every error body is {"error": "..."}, protocol-level ones included. Limits on
+connections, headers and read times are connection.py's; admission and the body budget are applied here
+and in the DataPlane before a body is read.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import sys
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 from urllib.parse import unquote
@@ -107,7 +109,7 @@ class Request:
     header_length: str | None = None
     encoding: bytes = b""
     watch: ConnectionWatch | None = None
-    held: list[int] = field(default_factory=lambda: [0])  # bytes reserved in the budget for this request
+    held: int = 0  # bytes reserved in the budget for this request
     read: bool = False
 
     @property
@@ -168,7 +170,7 @@ class RestApi:
             log.exception("unhandled error on %s %s", request.method, clip(request.path))
             response = _error(500, f"internal error: {type(exc).__name__}")
         finally:
-            self.budget.release(request.held[0])
+            self.budget.release(request.held)
         if not request.read and (request.chunked or (request.declared or 0) > _KEEP_UNREAD_BYTES):
             response.close = True  # do not receive a large body only to discard it
         if request.watch is not None and request.watch.over_cap:
@@ -243,7 +245,7 @@ class RestApi:
 
     def _hold(self, request: Request, size: int) -> None:
         self.budget.reserve(size)
-        request.held[0] += size
+        request.held += size
 
     async def _receive_all(self, request: Request) -> bytes:
         chunks: list[bytes] = []
@@ -256,8 +258,8 @@ class RestApi:
             total += len(chunk)
             if total > self.max_request_bytes:
                 raise PayloadTooLarge(f"the request body exceeds the limit of {self.max_request_bytes} bytes")
-            if total > request.held[0]:  # chunked, or more than declared: hold what has arrived
-                self._hold(request, total - request.held[0])
+            if total > request.held:  # chunked, or more than declared: hold what has arrived
+                self._hold(request, total - request.held)
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
