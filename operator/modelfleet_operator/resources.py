@@ -344,10 +344,22 @@ def build_job(im: InferenceModel, *, arch: str, build_id: str, settings: Operato
     }
 
 
-def runtime_env(spec: InferenceModelSpec) -> list[dict[str, str]]:
+# Of the grace period left after the preStop sleep, what the runtime keeps for closing connections and exiting.
+EXIT_MARGIN_SECONDS = 5
+
+
+def build_drain_grace(settings: OperatorSettings) -> int:
+    """The runtime's drain grace (MODELFLEET_DRAIN_GRACE_SECONDS): the time SIGTERM leaves before SIGKILL, which
+    is the pod's terminationGracePeriodSeconds less the preStop sleep, less a margin to exit in."""
+    grace = settings.termination_grace_seconds
+    return max(1, grace - min(EXIT_MARGIN_SECONDS, grace // 2))
+
+
+def runtime_env(spec: InferenceModelSpec, settings: OperatorSettings) -> list[dict[str, str]]:
     """Serving settings for `modelfleet serve`, as its MODELFLEET_ environment."""
     b = spec.serving.batching
     env = {
+        "MODELFLEET_DRAIN_GRACE_SECONDS": build_drain_grace(settings),
         "MODELFLEET_MAX_BATCH_SIZE": b.max_batch_size if b.max_batch_size is not None else spec.engine.batch.max,
         "MODELFLEET_MAX_QUEUE_DELAY_MICROSECONDS": b.max_queue_delay_microseconds,
         "MODELFLEET_MAX_QUEUE_SIZE": b.max_queue_size,
@@ -392,7 +404,7 @@ def build_deployment(
             "--http-port",
             str(port),
         ],
-        "env": runtime_env(spec),
+        "env": runtime_env(spec, settings),
         "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
         "resources": resources,
         "securityContext": dict(CONTAINER_SECURITY),

@@ -2,6 +2,11 @@
 
 It owns the model's lifecycle: loading, warming every batch size of the profile, ready, draining on
 SIGTERM. Every infer request ends with exactly one outcome counted in the metrics.
+
+Admission comes before work: unknown model, not ready, draining and a full queue are answered before the
+body is read; a request admitted is then seen through even if draining starts while it uploads. Large
+bodies decode in a thread so the event loop keeps answering; a request whose client has gone is not
+submitted, and one already queued is cancelled (the batcher skips cancelled futures).
 """
 
 from __future__ import annotations
@@ -10,8 +15,10 @@ import asyncio
 import enum
 import logging
 import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -31,6 +38,7 @@ from modelfleet_runtime.protocol import (
     InferenceError,
     InferRequest,
     ModelNotFound,
+    QueueFull,
     Unavailable,
     datatype_of,
     decode_infer_request,
@@ -40,6 +48,7 @@ from modelfleet_runtime.protocol import (
 from modelfleet_runtime.settings import ServeSettings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SERVER_NAME = "modelfleet"
 SERVER_VERSION = "0.1.0"
@@ -54,6 +63,33 @@ def _fastest_run(backend: Backend, feeds: dict[str, np.ndarray], repeats: int = 
         backend.infer(feeds)
         best = min(best, time.perf_counter() - began)
     return best
+
+
+def clip(text: str, limit: int = 100) -> str:
+    """Client input echoed in an error message, bounded."""
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
+class ClientGone(InferenceError):
+    """The client disconnected before its answer: nothing is sent, and it is counted apart."""
+
+    status = 499
+    outcome = "cancelled"
+
+
+class Watch(Protocol):
+    """What the DataPlane needs of a connection: whether the client has gone, and a callback when it goes."""
+
+    @property
+    def lost(self) -> bool: ...
+
+    def on_lost(self, callback: Callable[[], object]) -> None: ...
+
+    def discard(self, callback: Callable[[], object]) -> None: ...
+
+
+BodyReader = Callable[[], Awaitable[bytes]]
+Decoded = tuple[InferRequest, int, list[tuple[str, bool]]]
 
 
 class State(enum.Enum):
@@ -77,6 +113,12 @@ class DataPlane:
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        # Loading and warm-up run in a thread of their own, so shutdown need not wait for the default
+        # executor; decoding in another, one at a time (it is GIL-bound: more threads would only add memory).
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="modelfleet-load")
+        self._decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="modelfleet-decode")
+        self._loading_now = False
+        self._stopping = False
         self.failure: str | None = None
         metrics.track(queue_depth=self._queue_depth, inflight=lambda: self._inflight)
 
@@ -90,17 +132,37 @@ class DataPlane:
     def inflight(self) -> int:
         return self._inflight
 
+    @property
+    def loading_now(self) -> bool:
+        """A model load or warm-up run is still executing in the loader thread."""
+        return self._loading_now
+
     def _queue_depth(self) -> int:
         return self._batcher.queue_depth if self._batcher else 0
 
+    def _run_loading(self, fn: Callable[[], T]) -> T:
+        self._loading_now = True
+        try:
+            return fn()
+        finally:
+            self._loading_now = False
+
+    async def _in_loader(self, fn: Callable[[], T]) -> T:
+        if self._stopping:
+            raise asyncio.CancelledError("stopping")
+        return await asyncio.get_running_loop().run_in_executor(self._loader, self._run_loading, fn)
+
+    async def off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run CPU-heavy request work (inflating, decoding) in the decode thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._decoder, fn, *args)
+
     async def start(self) -> None:
         """Load the model, warm up every batch size of the profile, start the batcher, then report ready."""
-        loop = asyncio.get_running_loop()
         settings = self._settings
         began = time.perf_counter()
         try:
             source = build_model_source(settings.model)
-            backend = await loop.run_in_executor(None, load_backend, source, settings)
+            backend = await self._in_loader(partial(load_backend, source, settings))
             self._backend = backend
             batched = supports_batching(backend.inputs, backend.outputs)
             limit = min(
@@ -114,10 +176,13 @@ class DataPlane:
             sizes = build_warmup_batch_sizes(
                 max_batch_size=limit, preferred=preferred, profile=source.batch, mode=settings.warmup
             )
-            warm = partial(backend.warmup, sizes, iterations=settings.warmup_iterations, dims=source.opt_shapes)
-            await loop.run_in_executor(None, warm)
+            # One size per thread call, so a SIGTERM during warm-up stops it after the current run.
+            for size in sizes if batched else [1]:
+                await self._in_loader(
+                    partial(backend.warmup, [size], iterations=settings.warmup_iterations, dims=source.opt_shapes)
+                )
             largest = build_warmup_inputs(backend.inputs, limit if batched else 1, source.opt_shapes)
-            compute_s = await loop.run_in_executor(None, _fastest_run, backend, largest)
+            compute_s = await self._in_loader(partial(_fastest_run, backend, largest))
             inline = compute_s * 1e6 < settings.inline_compute_microseconds
             self._batcher = Batcher(
                 infer=backend.infer,
@@ -133,6 +198,8 @@ class DataPlane:
                 ),
                 observer=self._metrics,
             )
+        except asyncio.CancelledError:
+            raise
         except Exception as exc:
             self._state = State.FAILED
             self.failure = f"{type(exc).__name__}: {exc}"
@@ -153,6 +220,7 @@ class DataPlane:
 
     def begin_drain(self) -> None:
         """Stop admitting work (readiness false, infer 503) and dispatch what is queued without delay."""
+        self._stopping = True
         if self._state in (State.LOADING, State.READY):
             self._state = State.DRAINING
         if self._batcher is not None:
@@ -167,9 +235,12 @@ class DataPlane:
         return True
 
     async def close(self) -> None:
+        self._stopping = True
+        self._decoder.shutdown(wait=False, cancel_futures=True)
+        self._loader.shutdown(wait=False, cancel_futures=True)
         if self._batcher is not None:
             await self._batcher.close()
-        if self._backend is not None:
+        if self._backend is not None and not self._loading_now:
             self._backend.close()
 
     # --- metadata and health -------------------------------------------------------------------------------
@@ -185,10 +256,10 @@ class DataPlane:
 
     def _check_model(self, name: str, version: str | None) -> ModelSignature:
         if name != self._settings.name:
-            raise ModelNotFound(f"unknown model '{name}'")
+            raise ModelNotFound(f"unknown model '{clip(name)}'")
         if version not in (None, "", self._settings.model_version):
             raise ModelNotFound(
-                f"model '{name}' has no version '{version}' (this server serves version "
+                f"model '{name}' has no version '{clip(version or '')}' (this server serves version "
                 f"'{self._settings.model_version}')"
             )
         if self._signature is None:
@@ -197,7 +268,7 @@ class DataPlane:
 
     def model_ready(self, name: str, version: str | None) -> bool:
         if name != self._settings.name or version not in (None, "", self._settings.model_version):
-            raise ModelNotFound(f"unknown model '{name}'" + (f" version '{version}'" if version else ""))
+            raise ModelNotFound(f"unknown model '{clip(name)}'" + (f" version '{clip(version)}'" if version else ""))
         return self.ready()
 
     def model_metadata(self, name: str, version: str | None) -> dict[str, Any]:
@@ -258,27 +329,79 @@ class DataPlane:
         validate_outputs((o.name for o in request.outputs), sig)
         return [(o.name, request.binary_output if o.binary is None else o.binary) for o in request.outputs]
 
+    def _admit(self, name: str, version: str | None) -> ModelSignature:
+        """Everything that can refuse a request before its body is read: model, state, queue room."""
+        sig = self._check_model(name, version)
+        batcher = self._batcher
+        if self._state is not State.READY or batcher is None:
+            raise Unavailable(f"model '{name}' is {self._state.value}: not accepting requests")
+        limit = self._settings.max_queue_size
+        if limit and batcher.queue_depth >= limit:
+            raise QueueFull(f"queue full: {batcher.queue_depth} requests are already waiting (maxQueueSize {limit})")
+        return sig
+
+    def _decode(self, body: bytes, header_length: str | None, sig: ModelSignature) -> Decoded:
+        request = decode_infer_request(body, parse_header_length(header_length, len(body)))
+        size = validate_inputs(request.inputs, sig)
+        return request, size, self._requested(request, sig)
+
+    async def _decoded(self, body: bytes, header_length: str | None, sig: ModelSignature) -> Decoded:
+        if len(body) <= self._settings.decode_inline_bytes:
+            return self._decode(body, header_length, sig)
+        return await self.off_loop(self._decode, body, header_length, sig)
+
+    def _submit(
+        self, request: InferRequest, size: int, sig: ModelSignature, watch: Watch | None
+    ) -> asyncio.Future[dict[str, np.ndarray]]:
+        assert self._batcher is not None  # admitted
+        if watch is not None and watch.lost:
+            raise ClientGone("the client disconnected before its request was queued")
+        future = self._batcher.submit(
+            request.inputs, size, batch_key(request.inputs, sig), self._timeout_s(request.timeout_us)
+        )
+        if self._state is State.DRAINING:
+            self._batcher.flush()  # admitted before the drain began, uploaded after it
+        return future
+
+    @staticmethod
+    async def _outputs(future: asyncio.Future[dict[str, np.ndarray]], watch: Watch | None) -> dict[str, np.ndarray]:
+        """The batch's answer; cancelled (and never computed, if still queued) when the client goes."""
+        if watch is None:
+            return await future
+        watch.on_lost(future.cancel)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if future.cancelled() and watch.lost:
+                raise ClientGone("the client disconnected while its request was queued") from None
+            raise
+        finally:
+            watch.discard(future.cancel)
+
     async def infer(
-        self, name: str, version: str | None, body: bytes, header_length: str | None
+        self,
+        name: str,
+        version: str | None,
+        read_body: BodyReader,
+        header_length: str | None,
+        watch: Watch | None = None,
     ) -> tuple[bytes, int | None]:
-        """Decode, validate, queue, await the batch, encode. Raises InferenceError subclasses only."""
+        """Admit, read the body, decode, validate, queue, await the batch, encode.
+
+        Raises InferenceError subclasses only; `read_body` may raise them too (size, budget, encoding).
+        """
         started = time.perf_counter()
         self._inflight += 1
         self._idle.clear()
-        admitted = False
+        queued = False
         outcome = "error"
         try:
-            sig = self._check_model(name, version)
-            if self._state is not State.READY or self._batcher is None:
-                raise Unavailable(f"model '{name}' is {self._state.value}: not accepting requests")
-            request = decode_infer_request(body, parse_header_length(header_length, len(body)))
-            size = validate_inputs(request.inputs, sig)
-            wanted = self._requested(request, sig)
-            future = self._batcher.submit(
-                request.inputs, size, batch_key(request.inputs, sig), self._timeout_s(request.timeout_us)
-            )
-            admitted = True
-            outputs = await future
+            sig = self._admit(name, version)
+            body = await read_body()
+            request, size, wanted = await self._decoded(body, header_length, sig)
+            future = self._submit(request, size, sig, watch)
+            queued = True
+            outputs = await self._outputs(future, watch)
             encoded = encode_infer_response(
                 model_name=name,
                 model_version=self._settings.model_version,
@@ -297,4 +420,4 @@ class DataPlane:
             self._inflight -= 1
             if self._inflight == 0:
                 self._idle.set()
-            self._metrics.request_done(outcome, time.perf_counter() - started if admitted else None)
+            self._metrics.request_done(outcome, time.perf_counter() - started if queued else None)

@@ -21,7 +21,17 @@ from prometheus_client.registry import Collector
 
 from modelfleet_runtime.batcher import BatchObserver
 
-OUTCOMES = ("success", "invalid", "rejected_queue_full", "timeout", "error", "unavailable")
+# rejected_memory: the in-flight body budget was full; cancelled: the client went before its answer.
+OUTCOMES = (
+    "success",
+    "invalid",
+    "rejected_queue_full",
+    "rejected_memory",
+    "timeout",
+    "error",
+    "unavailable",
+    "cancelled",
+)
 
 
 def build_duration_buckets(low: float = 0.0005, high: float = 2.5, count: int = 30) -> tuple[float, ...]:
@@ -124,7 +134,7 @@ class Metrics(BatchObserver, Collector):
         model = self.model
         requests = CounterMetricFamily(
             "modelfleet_requests",
-            "Inference requests by outcome (success, invalid, rejected_queue_full, timeout, error, unavailable).",
+            "Inference requests by outcome (" + ", ".join(OUTCOMES) + ").",
             labels=["model", "outcome"],
         )
         for outcome in OUTCOMES:

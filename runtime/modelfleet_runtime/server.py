@@ -11,7 +11,9 @@ which subclassing uvicorn's `Server` gives.
 `create_app()` builds the same app from the environment for uvicorn's or granian's command line.
 
 Endpoints: GET /v2, /v2/health/live, /v2/health/ready, /v2/models/{m}[/versions/{v}], .../ready, .../config,
-POST .../infer, GET /metrics. Every error body is {"error": "..."}.
+POST .../infer, GET /metrics. Every error body is {"error": "..."}, protocol-level ones included. Limits on
+connections, headers and read times are connection.py's; admission and the body budget are applied here
+and in the DataPlane before a body is read.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import math
+import os
+import resource
 import socket
 import sys
 import time
@@ -32,7 +37,8 @@ from urllib.parse import unquote
 
 import orjson
 
-from modelfleet_runtime.dataplane import DataPlane, State
+from modelfleet_runtime.connection import WATCH_KEY, ConnectionLimits, ConnectionWatch, build_protocol
+from modelfleet_runtime.dataplane import ClientGone, DataPlane, State, clip
 from modelfleet_runtime.metrics import OUTCOMES, Metrics
 from modelfleet_runtime.protocol import InferenceError, InvalidInput, PayloadTooLarge, error_body
 from modelfleet_runtime.settings import ServeSettings
@@ -50,10 +56,11 @@ class HttpResponse:
     content_type: str = JSON
     header_length: int | None = None
     close: bool = False
+    retry_after: int | None = None
 
 
-def _error(status: int, message: str, *, close: bool = False) -> HttpResponse:
-    return HttpResponse(status, error_body(message), close=close)
+def _error(status: int, message: str, *, close: bool = False, retry_after: int | None = None) -> HttpResponse:
+    return HttpResponse(status, error_body(message), close=close, retry_after=retry_after)
 
 
 def _json(doc: Any, status: int = 200) -> HttpResponse:
@@ -61,47 +68,124 @@ def _json(doc: Any, status: int = 200) -> HttpResponse:
 
 
 _OK = HttpResponse(200, b"{}")
+# An early refusal keeps the connection when the unread body is small enough to read past cheaply.
+_KEEP_UNREAD_BYTES = 1024 * 1024
+
+
+class BudgetFull(InferenceError):
+    """Request bodies in flight already hold the memory budget; the client should retry (or go elsewhere)."""
+
+    status = 503
+    outcome = "rejected_memory"
+
+
+class BodyBudget:
+    """Bytes of request bodies being received or held, against a limit; all on the event loop thread."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def reserve(self, size: int) -> None:
+        if self.used + size > self.limit:
+            raise BudgetFull(
+                f"the server is holding {self.used} bytes of request bodies (limit {self.limit}); retry shortly"
+            )
+        self.used += size
+
+    def release(self, size: int) -> None:
+        self.used -= size
+
+
+@dataclass(slots=True)
+class Request:
+    """What routing needs from an HTTP request; the body is read only once the request is admitted."""
+
+    method: str
+    segments: list[str]
+    receive: Any = None
+    declared: int | None = None
+    chunked: bool = False
+    header_length: str | None = None
+    encoding: bytes = b""
+    watch: ConnectionWatch | None = None
+    held: int = 0  # bytes reserved in the budget for this request
+    read: bool = False
+
+    @property
+    def path(self) -> str:
+        return "/".join(self.segments) or "/"
+
+
+def path_segments(scope: dict[str, Any]) -> list[str]:
+    """The path split on '/' before percent-decoding, each segment decoded once: %2F stays inside a segment."""
+    raw: bytes | None = scope.get("raw_path")
+    if raw is None:  # another ASGI server: `path` is decoded already
+        parts: list[str] = scope["path"].split("/")
+    else:
+        parts = [unquote(p) if "%" in p else p for p in raw.decode("latin-1").split("?", 1)[0].split("/")]
+    while len(parts) > 2 and parts[-1] == "":
+        parts.pop()
+    return parts
+
+
+def build_request(scope: dict[str, Any], receive: Any) -> Request:
+    request = Request(scope["method"], path_segments(scope), receive)
+    for key, value in scope["headers"]:
+        if key == b"content-length":
+            request.declared = int(value) if value.isdigit() else None
+        elif key == b"transfer-encoding":
+            request.chunked = True
+        elif key == b"inference-header-content-length":
+            request.header_length = value.decode("latin-1")
+        elif key == b"content-encoding" and value.lower() != b"identity":
+            request.encoding = value
+    request.watch = scope.get("extensions", {}).get(WATCH_KEY)
+    return request
 
 
 class RestApi:
-    """Routes (method, path, body) to the DataPlane. Never raises: every failure becomes an error response."""
+    """Routes requests to the DataPlane. Never raises: every failure becomes an error response."""
 
-    def __init__(self, dataplane: DataPlane, metrics: Metrics, *, max_request_bytes: int) -> None:
+    def __init__(self, dataplane: DataPlane, metrics: Metrics, *, max_request_bytes: int, budget: BodyBudget) -> None:
         self.dataplane = dataplane
         self.metrics = metrics
         self.max_request_bytes = max_request_bytes
-
-    def too_large(self, declared: int | None) -> HttpResponse | None:
-        if declared is not None and declared > self.max_request_bytes:
-            return self.payload_too_large(declared)
-        return None
+        self.budget = budget
 
     def payload_too_large(self, size: int | None = None) -> HttpResponse:
         self.metrics.request_done("invalid", None)
         what = f"{size} bytes" if size is not None else "the request body"
         return _error(413, f"{what} exceeds the limit of {self.max_request_bytes} bytes", close=True)
 
-    async def handle(self, method: str, path: str, body: bytes, header_length: str | None) -> HttpResponse:
+    async def handle(self, request: Request) -> HttpResponse | None:
+        """The response, or None when the client has gone and nothing is to be sent."""
         try:
-            return await self._route(method, path, body, header_length)
+            response = await self._route(request)
+        except ClientGone:
+            return None
         except InferenceError as exc:
-            return _error(exc.status, exc.message)
+            response = _error(exc.status, exc.message, retry_after=1 if isinstance(exc, BudgetFull) else None)
         except Exception as exc:
-            log.exception("unhandled error on %s %s", method, path)
-            return _error(500, f"internal error: {type(exc).__name__}: {exc}")
+            log.exception("unhandled error on %s %s", request.method, clip(request.path))
+            response = _error(500, f"internal error: {type(exc).__name__}")
+        finally:
+            self.budget.release(request.held)
+        if not request.read and (request.chunked or (request.declared or 0) > _KEEP_UNREAD_BYTES):
+            response.close = True  # do not receive a large body only to discard it
+        if request.watch is not None and request.watch.over_cap:
+            response.close = True
+        return response
 
-    async def _route(self, method: str, path: str, body: bytes, header_length: str | None) -> HttpResponse:
-        path = path.split("?", 1)[0].rstrip("/") or "/"
-        if "%" in path:
-            path = unquote(path)
+    async def _route(self, request: Request) -> HttpResponse:
+        method, parts = request.method, request.segments
         dp = self.dataplane
-        if path == "/metrics":
+        if parts[1:] == ["metrics"]:
             if method not in ("GET", "HEAD"):
                 return _error(405, "method not allowed: use GET")
             return HttpResponse(200, self.metrics.render(), content_type=self.metrics.content_type)
-        parts = path.split("/")
-        if len(parts) < 2 or parts[1] != "v2":
-            return _error(404, f"no route for {path}")
+        if len(parts) < 2 or parts[0] != "" or parts[1] != "v2":
+            return _error(404, f"no route for {clip(request.path)}")
         rest = parts[2:]
         if rest and rest[0] == "models" and len(rest) >= 2:
             name, tail, version = rest[1], rest[2:], None
@@ -111,10 +195,7 @@ class RestApi:
             if action == "infer":
                 if method != "POST":
                     return _error(405, "method not allowed: use POST for infer")
-                out, length = await dp.infer(name, version, body, header_length)
-                if length is None:
-                    return HttpResponse(200, out)
-                return HttpResponse(200, out, content_type=OCTET, header_length=length)
+                return await self._infer(request, name, version)
             if method not in ("GET", "HEAD"):
                 return _error(405, "method not allowed: use GET")
             if action == "":
@@ -125,7 +206,7 @@ class RestApi:
                 return _error(503, f"model '{name}' is {dp.state.value}")
             if action == "config":
                 return _json(dp.model_config(name, version))
-            return _error(404, f"no route for {path}")
+            return _error(404, f"no route for {clip(request.path)}")
         if method not in ("GET", "HEAD"):
             return _error(405, "method not allowed: use GET")
         if not rest:
@@ -134,7 +215,54 @@ class RestApi:
             return _OK if dp.live() else _error(503, "server is not live")
         if rest == ["health", "ready"]:
             return _OK if dp.ready() else _error(503, f"server is {dp.state.value}")
-        return _error(404, f"no route for {path}")
+        return _error(404, f"no route for {clip(request.path)}")
+
+    async def _infer(self, request: Request, name: str, version: str | None) -> HttpResponse:
+        if request.watch is not None and request.watch.over_cap:
+            self.metrics.request_done("unavailable", None)
+            return _error(503, "too many open connections: retry on a new connection shortly", retry_after=1)
+        if request.declared is not None and request.declared > self.max_request_bytes:
+            return self.payload_too_large(request.declared)
+
+        async def read_body() -> bytes:
+            return await self._read_body(request)
+
+        out, length = await self.dataplane.infer(name, version, read_body, request.header_length, request.watch)
+        if length is None:
+            return HttpResponse(200, out)
+        return HttpResponse(200, out, content_type=OCTET, header_length=length)
+
+    async def _read_body(self, request: Request) -> bytes:
+        """The admitted request's body, within the size limit and the memory budget, inflated if compressed."""
+        self._hold(request, request.declared or 0)
+        body = await self._receive_all(request)
+        request.read = True
+        if request.encoding:
+            # Always in the decode thread: a small compressed body can inflate to the size limit.
+            body = await self.dataplane.off_loop(decompress, body, request.encoding, self.max_request_bytes)
+            self._hold(request, len(body))
+        return body
+
+    def _hold(self, request: Request, size: int) -> None:
+        self.budget.reserve(size)
+        request.held += size
+
+    async def _receive_all(self, request: Request) -> bytes:
+        chunks: list[bytes] = []
+        total = 0
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                raise ClientGone("the client disconnected while sending its request")
+            chunk = message.get("body", b"")
+            total += len(chunk)
+            if total > self.max_request_bytes:
+                raise PayloadTooLarge(f"the request body exceeds the limit of {self.max_request_bytes} bytes")
+            if total > request.held:  # chunked, or more than declared: hold what has arrived
+                self._hold(request, total - request.held)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 # --- the ASGI app ---------------------------------------------------------------------------------------------
@@ -150,7 +278,7 @@ class UnsupportedEncoding(InferenceError):
 
 def decompress(body: bytes, encoding: bytes, limit: int) -> bytes:
     """Inflate a gzip/deflate request body, refusing (413) one that would inflate past `limit` bytes."""
-    name = encoding.decode("latin-1")
+    name = clip(encoding.decode("latin-1"), 40)
     wbits = _DECODINGS.get(encoding.lower())
     if wbits is None:
         raise UnsupportedEncoding(f"unsupported Content-Encoding {name!r} (use gzip or deflate)")
@@ -175,61 +303,18 @@ class AsgiApp:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http":
-            await self._http(scope, receive, send)
+            response = await self.api.handle(build_request(scope, receive))
+            if response is not None:
+                await self._send(send, response)
         elif scope["type"] == "lifespan":
             await self._lifespan(receive, send)
-
-    async def _http(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        header_length: str | None = None
-        declared: int | None = None
-        encoding = b""
-        for key, value in scope["headers"]:
-            if key == b"content-length":
-                declared = int(value) if value.isdigit() else None
-            elif key == b"inference-header-content-length":
-                header_length = value.decode("latin-1")
-            elif key == b"content-encoding" and value.lower() != b"identity":
-                encoding = value
-        response = self.api.too_large(declared)
-        if response is None:
-            body = await self._read(receive)
-            if body is None:
-                return  # the client went away before sending its request
-            if isinstance(body, HttpResponse):
-                response = body
-            else:
-                try:
-                    if encoding:
-                        body = decompress(body, encoding, self.api.max_request_bytes)
-                except PayloadTooLarge:
-                    response = self.api.payload_too_large()
-                except InferenceError as exc:
-                    self.api.metrics.request_done(exc.outcome, None)
-                    response = _error(exc.status, exc.message)
-                else:
-                    response = await self.api.handle(scope["method"], scope["path"], body, header_length)
-        await self._send(send, response)
-
-    async def _read(self, receive: Any) -> bytes | HttpResponse | None:
-        """The body, read up to the limit and no further (413 past it); None if the client disconnected."""
-        chunks: list[bytes] = []
-        total = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            chunk = message.get("body", b"")
-            total += len(chunk)
-            if total > self.api.max_request_bytes:
-                return self.api.payload_too_large()
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def _send(self, send: Any, response: HttpResponse) -> None:
         headers = [(b"content-type", response.content_type.encode())]
         if response.header_length is not None:
             headers.append((b"inference-header-content-length", str(response.header_length).encode()))
+        if response.retry_after is not None:
+            headers.append((b"retry-after", str(response.retry_after).encode()))
         # While draining every response closes its connection, so clients reconnect to another replica and
         # the server can stop without cutting a keep-alive connection in the middle of a request.
         if response.close or self.api.dataplane.state is State.DRAINING:
@@ -259,7 +344,15 @@ def build_app(settings: ServeSettings) -> tuple[AsgiApp, DataPlane, Metrics]:
     metrics = Metrics(settings.name)
     dataplane = DataPlane(settings=settings, metrics=metrics)
     return (
-        AsgiApp(RestApi(dataplane, metrics, max_request_bytes=settings.max_request_bytes), settings),
+        AsgiApp(
+            RestApi(
+                dataplane,
+                metrics,
+                max_request_bytes=settings.max_request_bytes,
+                budget=BodyBudget(settings.max_inflight_body_bytes),
+            ),
+            settings,
+        ),
         dataplane,
         metrics,
     )
@@ -314,26 +407,70 @@ def _uvicorn_server(config: Any, on_signal: Callable[[], object]) -> Any:
     return DrainingServer(config)
 
 
-async def serve(settings: ServeSettings) -> int:
-    """Listen, load the model, serve until SIGTERM/SIGINT, drain, exit. Returns the process exit code."""
+# File descriptors kept free of client connections: the listener, logs, the model's files, ORT's threads.
+_RESERVED_FDS = 64
+
+
+def raise_open_files_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (the default soft 1024 is far below what a server
+    needs, and running out makes accept() fail silently); returns the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def build_limits(settings: ServeSettings, open_files: int) -> ConnectionLimits:
+    return ConnectionLimits(
+        max_header_bytes=settings.max_header_bytes,
+        header_timeout_s=settings.header_timeout_seconds,
+        body_timeout_s=settings.body_timeout_seconds,
+        idle_timeout_s=settings.idle_timeout_seconds,
+        max_connections=max(1, min(settings.max_connections, open_files - _RESERVED_FDS)),
+    )
+
+
+def build_config(app: AsgiApp, settings: ServeSettings, limits: ConnectionLimits) -> Any:
     import uvicorn
 
-    loop = asyncio.get_running_loop()
-    app, dataplane, metrics = build_app(settings)
-    sock = build_listener(settings.host, settings.http_port, settings.backlog)
-    port = sock.getsockname()[1]
-    log.info("listening on http://%s:%d (model %s loading from %s)", settings.host, port, settings.name, settings.model)
-    config = uvicorn.Config(
+    return uvicorn.Config(
         app,
         loop="none",
-        http="httptools",
+        http=build_protocol(limits),
+        ws="none",  # no upgrades: a request asking for one (h2c, websocket) is served as HTTP/1.1
         lifespan="off",
         access_log=False,
         log_config=None,
         log_level=settings.log_level,
         server_header=False,
-        timeout_graceful_shutdown=5,
+        # Set again once draining is over, to what is left of the grace period.
+        timeout_graceful_shutdown=math.ceil(settings.drain_grace_seconds),
     )
+
+
+async def serve(settings: ServeSettings) -> int:
+    """Listen, load the model, serve until SIGTERM/SIGINT, drain, exit. Returns the process exit code."""
+    loop = asyncio.get_running_loop()
+    app, dataplane, metrics = build_app(settings)
+    try:
+        sock = build_listener(settings.host, settings.http_port, settings.backlog)
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", settings.host, settings.http_port, exc.strerror or exc)
+        return 1
+    port = sock.getsockname()[1]
+    limits = build_limits(settings, raise_open_files_limit())
+    log.info(
+        "listening on http://%s:%d (model %s loading from %s); connection cap %d (open-file limit %d)",
+        settings.host,
+        port,
+        settings.name,
+        settings.model,
+        limits.max_connections,
+        resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+    )
+    config = build_config(app, settings, limits)
     stop = asyncio.Event()
     server = _uvicorn_server(config, lambda: loop.call_soon_threadsafe(stop.set))
     serving = loop.create_task(server.serve(sockets=[sock]), name="http")
@@ -348,6 +485,7 @@ async def serve(settings: ServeSettings) -> int:
         log.error("model %s failed to load: %s", settings.name, dataplane.failure)
         code = 1
     elif not starting.done():
+        dataplane.begin_drain()  # stops warm-up between runs
         starting.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await starting
@@ -367,6 +505,7 @@ async def serve(settings: ServeSettings) -> int:
     if linger > 0:
         await asyncio.sleep(linger)
     # uvicorn now closes the listener and idle connections, lets busy ones finish their response, and returns.
+    config.timeout_graceful_shutdown = max(1.0, settings.drain_grace_seconds - (time.monotonic() - began))
     server.should_exit = True
     with contextlib.suppress(Exception):
         await serving
@@ -374,6 +513,11 @@ async def serve(settings: ServeSettings) -> int:
     await dataplane.close()
     counts = " ".join(f"{o}={metrics.counts[o]}" for o in OUTCOMES)
     log.info("stopped after draining %.2fs: inflight=%d %s", time.monotonic() - began, dataplane.inflight, counts)
+    if dataplane.loading_now:
+        # A model load or warm-up run cannot be interrupted; interpreter exit would wait for its thread.
+        log.warning("exiting without waiting for the model load or warm-up run still in progress")
+        logging.shutdown()
+        os._exit(code)
     return code
 
 

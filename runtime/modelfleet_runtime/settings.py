@@ -70,7 +70,9 @@ class ServeSettings(BaseSettings):
         default=0,
         ge=0,
         description="Per-request queue timeout when the request sets none: a request not dispatched by then "
-        "is rejected (503), never computed late. 0 = no timeout.",
+        "is rejected (503), never computed late. As in Triton it bounds the time in the queue only: a request "
+        "dispatched in time is computed and answered however long that takes (bound the whole request with "
+        "the client's own timeout; the body upload is bounded by body_timeout_seconds). 0 = no timeout.",
     )
     allow_timeout_override: bool = Field(
         default=True, description="Let a request's `timeout` parameter (microseconds) override the default."
@@ -79,6 +81,50 @@ class ServeSettings(BaseSettings):
         default=64 * 1024 * 1024,
         ge=1024,
         description="Largest request body accepted; larger ones get 413 before the body is buffered.",
+    )
+    max_inflight_body_bytes: int = Field(
+        default=256 * 1024 * 1024,
+        ge=1024,
+        description="Memory budget for request bodies being received or held by requests in flight (declared "
+        "Content-Length reserved before reading, inflated size added for compressed bodies). A request that "
+        "would exceed it gets 503 with Retry-After before its body is read: the server is short of memory, "
+        "not the client over a rate, and another replica may have room. At least max_request_bytes.",
+    )
+    decode_inline_bytes: int = Field(
+        default=64 * 1024,
+        ge=0,
+        description="Request bodies up to this size are decoded on the event loop (about 1 ms for 64 KiB of "
+        "JSON numbers); larger or compressed ones are decoded in a thread, so health and metrics stay "
+        "answered while they decode.",
+    )
+    max_connections: int = Field(
+        default=4096,
+        ge=1,
+        description="Open connections served normally; capped further by the open-file limit (the soft limit "
+        "is raised to the hard one at start). Past it a connection's requests get 503 and it is closed, "
+        "except health and metrics requests, which are always answered.",
+    )
+    max_header_bytes: int = Field(
+        default=64 * 1024,
+        ge=1024,
+        description="Largest request head (request line and headers); larger gets 431 and the connection closes.",
+    )
+    header_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="A request's head must arrive within this from its first byte; else 408 and close.",
+    )
+    body_timeout_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="A request's body must arrive within this from the end of its head (64 MiB needs ~9 Mbit/s); "
+        "else 408 and close. Slow uploads cannot hold memory and connections for ever.",
+    )
+    idle_timeout_seconds: float = Field(
+        default=15.0,
+        gt=0,
+        description="A connection with no request in progress, including one that never sent a byte, is "
+        "closed after this long without a byte.",
     )
     instances: int = Field(
         default=1,
@@ -129,8 +175,9 @@ class ServeSettings(BaseSettings):
     drain_grace_seconds: float = Field(
         default=30.0,
         gt=0,
-        description="On SIGTERM, how long to wait for accepted requests to finish before exiting anyway "
-        "(keep it below the pod's terminationGracePeriodSeconds).",
+        description="On SIGTERM, how long accepted requests (including those still uploading) get to finish "
+        "before the server exits anyway. The operator sets it from the pod's terminationGracePeriodSeconds, "
+        "less the preStop sleep and a margin for exiting.",
     )
     drain_delay_seconds: float = Field(
         default=0.0,
@@ -157,6 +204,15 @@ class ServeSettings(BaseSettings):
         if any(v < 1 for v in value):
             raise ValueError("preferred batch sizes must be >= 1")
         return sorted(set(value))
+
+    @model_validator(mode="after")
+    def _budget_holds_a_request(self) -> ServeSettings:
+        if self.max_inflight_body_bytes < self.max_request_bytes:
+            raise ValueError(
+                f"max_inflight_body_bytes {self.max_inflight_body_bytes} is below max_request_bytes "
+                f"{self.max_request_bytes}: a request of the largest size could never be admitted"
+            )
+        return self
 
     @model_validator(mode="after")
     def _preferred_within_max(self) -> ServeSettings:

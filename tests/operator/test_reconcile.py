@@ -20,6 +20,7 @@ from modelfleet_operator.reconcile import (
 )
 from modelfleet_operator.resources import (
     ANNOTATION_ENGINE_KEY,
+    build_deployment,
     build_identity,
     build_options,
     deployment_name,
@@ -27,6 +28,7 @@ from modelfleet_operator.resources import (
 )
 from modelfleet_operator.settings import OperatorSettings
 from modelfleet_runtime.build.options import parse_options
+from modelfleet_runtime.settings import ServeSettings
 
 NOW = datetime(2026, 11, 21, 9, 0, 0, tzinfo=UTC)
 SETTINGS = OperatorSettings()
@@ -173,6 +175,22 @@ def test_finished_builds_roll_out_deployments_that_serve_their_engine() -> None:
     assert im.status.engine_summary == "4/4"
     conds = {c.type: c.status for c in im.status.conditions}
     assert conds == {"Ready": "True", "EnginesReady": "True", "Progressing": "False", "Degraded": "False"}
+
+
+@pytest.mark.parametrize(("grace", "drain", "runtime"), [(60, 10, 55), (4, 0, 2), (1, 3, 1)])
+def test_the_runtime_drains_within_what_the_pod_grace_period_leaves_after_pre_stop(
+    grace: int, drain: int, runtime: int
+) -> None:
+    settings = OperatorSettings(termination_grace_seconds=grace, drain_seconds=drain)
+    dep = build_deployment(model(), arch=ARCHS[0], engine_key_="k", replicas=1, settings=settings)
+    pod = dep["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert pod["terminationGracePeriodSeconds"] == grace + drain
+    assert container["lifecycle"]["preStop"]["sleep"]["seconds"] == drain
+    assert env["MODELFLEET_DRAIN_GRACE_SECONDS"] == str(runtime)
+    served = ServeSettings(model="m.onnx", name="m", drain_grace_seconds=env["MODELFLEET_DRAIN_GRACE_SECONDS"])
+    assert served.drain_grace_seconds == runtime
 
 
 def test_a_settled_model_is_a_fixed_point_no_writes_no_events() -> None:

@@ -1,10 +1,13 @@
-"""A real server's lifecycle: ready only after warm-up, SIGTERM drain losing no accepted work, bad models."""
+"""A real server's lifecycle: ready after warm-up, SIGTERM losing no accepted work (uploads too), bad models."""
 
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -244,3 +247,44 @@ def test_invalid_settings_exit_2_naming_the_field(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "max_batch_size" in result.stderr
+
+
+@pytest.mark.timeout(600)
+def test_sigterm_during_warm_up_exits_without_finishing_it(start_server: ServerFactory, tmp_path: Path) -> None:
+    model = slow_model(tmp_path / "slow.onnx")
+    # Warm-up this long would take hours; a server that waited for it would outlive the hang guard.
+    server = start_server(
+        model, "slow", wait_ready=False, max_batch_size="48", warmup="all", warmup_iterations="100000"
+    )
+    deadline = time.monotonic() + 120
+    while "onnxruntime session on" not in server.log() and time.monotonic() < deadline:
+        time.sleep(0.05)  # the session is loaded: what follows is the warm-up
+    assert requests.get(f"{server.url}/v2/health/ready", timeout=30).json()["error"] == "server is loading"
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(timeout=60) == 0, server.log()
+    assert "stopped after draining" in server.log()
+
+
+@pytest.mark.timeout(600)
+def test_sigterm_lets_a_request_still_uploading_finish(start_server: ServerFactory, models: dict[str, Path]) -> None:
+    server = start_server(models["classifier"], "classifier", drain_grace_seconds="120")
+    x = np.random.default_rng(5).normal(size=(3, FEATURES)).astype(np.float32)
+    body = json.dumps(infer_body(x)).encode()
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=300)
+    head = f"POST /v2/models/classifier/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+    sock.sendall(head.encode() + body[:10])
+    server.wait_metric("modelfleet_inflight_requests", 1)
+    server.proc.send_signal(signal.SIGTERM)
+    while requests.get(f"{server.url}/v2/health/ready", timeout=30).status_code == 200:
+        time.sleep(0.05)
+    # Longer than uvicorn's own fixed 5 s shutdown timeout, well within the drain grace.
+    time.sleep(6)
+    sock.sendall(body[10:])
+    response = http.client.HTTPResponse(sock)
+    response.begin()
+    payload = response.read()
+    assert response.status == 200, payload
+    got = np.asarray(json.loads(payload)["outputs"][0]["data"], np.float32).reshape(3, -1)
+    np.testing.assert_allclose(got, classifier_reference(x), rtol=1e-5, atol=1e-6)
+    assert server.proc.wait(timeout=120) == 0
+    assert server.final_counts()["success"] == 1
