@@ -727,7 +727,7 @@ class InferenceModelSpec(_Spec):
 
 
 class Condition(_Status):
-    """A metav1.Condition: Ready, EnginesReady, Progressing, Degraded."""
+    """A metav1.Condition: Ready, Reconciling, Stalled, Serving, EnginesReady (see modelfleet_operator.conditions)."""
 
     type: str = Field(max_length=316, description="Condition type, e.g. Ready.")
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
@@ -786,10 +786,14 @@ class AutoscalerStatus(_Status):
 class InferenceModelStatus(_Status):
     """The observed state, written by the operator only."""
 
-    observed_generation: int | None = Field(None, description="metadata.generation the status reflects.")
+    observed_generation: int = Field(
+        0, ge=0, description="metadata.generation the status reflects; 0 until the operator has reconciled it."
+    )
     conditions: list[Condition] = Field(
         default_factory=list,
-        description="Ready, EnginesReady, Progressing and Degraded, each with observedGeneration.",
+        description="kstatus conventions, each with observedGeneration: Ready (the current generation serves"
+        " everywhere it should), Reconciling (building or rolling it out), Stalled (it cannot go live without a"
+        " change), Serving (some version answers; the reason says whether it is the previous one), EnginesReady.",
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
     engines: list[EngineStatus] = Field(

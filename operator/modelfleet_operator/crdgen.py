@@ -5,7 +5,8 @@ never by editing the YAML: `$ref`s are inlined, `anyOf [X, null]` becomes `nulla
 `additionalProperties: false` goes (the API server prunes or, with strict field validation, rejects
 unknown fields; structural schemas forbid it next to `properties`), `additionalProperties: true`
 becomes `x-kubernetes-preserve-unknown-fields`, draft-2020 exclusive bounds become OpenAPI v3 booleans,
-and status carries no defaults (the operator owns it). `make manifests` runs `main`.
+and status carries no defaults (the operator owns it) but one: `status` itself defaults to
+`{observedGeneration: 0}` (see STATUS_DEFAULT). `make manifests` runs `main`.
 """
 
 from __future__ import annotations
@@ -215,6 +216,17 @@ def _structural(node: dict[str, Any], defs: dict[str, Any], *, status: bool) -> 
     return dict(sorted(out.items(), key=lambda item: _KEY_ORDER[item[0]]))
 
 
+# The API server drops `status` on create (status subresource) and applies schema defaults whenever it decodes
+# an object from storage, so every read of a model the operator has not reconciled yet carries this. kstatus
+# then sees observedGeneration 0 != metadata.generation and reads InProgress; without it, a CR with no status
+# and no Ready condition reads Current (kstatus' checkGeneration skips a missing observedGeneration).
+STATUS_DEFAULT: dict[str, Any] = {"observedGeneration": 0}
+
+
+def _with_default(node: dict[str, Any], default: dict[str, Any]) -> dict[str, Any]:
+    return dict(sorted({**node, "default": default}.items(), key=lambda item: _KEY_ORDER[item[0]]))
+
+
 def build_schema() -> dict[str, Any]:
     """The openAPIV3Schema of the InferenceModel: structural, descriptions and CEL rules kept."""
     raw = api.InferenceModel.model_json_schema(by_alias=True, mode="validation")
@@ -232,7 +244,7 @@ def build_schema() -> dict[str, Any]:
         },
         "metadata": {"type": "object"},
         "spec": _structural(properties["spec"], defs, status=False),
-        "status": _structural(properties["status"], defs, status=True),
+        "status": _with_default(_structural(properties["status"], defs, status=True), STATUS_DEFAULT),
     }
     root["required"] = ["spec"]
     return dict(sorted(root.items(), key=lambda item: _KEY_ORDER[item[0]]))

@@ -17,10 +17,12 @@ from typing import Any
 
 from modelfleet_operator.api import Condition, EngineAccuracy, EngineStatus, InferenceModel
 from modelfleet_operator.autoscaler.algorithm import ArchitectureShare, split_across_architectures
+from modelfleet_operator.conditions import READY, SERVING, STALLED, Architecture, Facts, decide
 from modelfleet_operator.placement import NodeInfo, discover
 from modelfleet_operator.resources import (
     ANNOTATION_BUILD_ID,
     ANNOTATION_ENGINE_KEY,
+    ANNOTATION_MODEL_GENERATION,
     LABEL_ARCH,
     build_deployment,
     build_identity,
@@ -32,9 +34,6 @@ from modelfleet_operator.resources import (
     serving_selector,
 )
 from modelfleet_operator.settings import OperatorSettings
-
-READY, ENGINES_READY, PROGRESSING, DEGRADED = "Ready", "EnginesReady", "Progressing", "Degraded"
-CONDITION_TYPES = (READY, ENGINES_READY, PROGRESSING, DEGRADED)
 
 
 @dataclass(frozen=True)
@@ -175,6 +174,10 @@ def _deployment_for(observed: Observed, name: str) -> Mapping[str, Any] | None:
     return next((d for d in observed.deployments if d["metadata"]["name"] == name), None)
 
 
+def _arch_of(deployment: Mapping[str, Any]) -> str:
+    return str((deployment["metadata"].get("labels") or {}).get(LABEL_ARCH, ""))
+
+
 def _engine_key_of(deployment: Mapping[str, Any]) -> str:
     return str((deployment["metadata"].get("annotations") or {}).get(ANNOTATION_ENGINE_KEY, ""))
 
@@ -189,11 +192,6 @@ def _rolled_out(deployment: Mapping[str, Any], *, replicas: int | None = None) -
         and status.get("availableReplicas", 0) >= want
         and status.get("replicas", 0) == want
     )
-
-
-def _serving(deployment: Mapping[str, Any] | None) -> bool:
-    """Does this Deployment answer requests? (scaling up or rolling is Progressing, not un-Ready)"""
-    return deployment is not None and int((deployment.get("status") or {}).get("availableReplicas", 0)) >= 1
 
 
 def _condition(
@@ -329,69 +327,25 @@ def _status(
     name = im.metadata["name"]
     previous = {c.type: c for c in im.status.conditions}
     ready_engines = [a for a, e in engines.items() if e.phase == "Ready"]
-    failed = {a: e for a, e in engines.items() if e.phase == "Failed"}
-    building = [a for a, e in engines.items() if e.phase in {"Pending", "Building"}]
     deployments = {a: _deployment_for(observed, deployment_name(name, a)) for a in serving}
     present = {a: d for a, d in deployments.items() if d is not None}
 
-    def cond(type_: str, ok: bool, reason: str, message: str) -> Condition:
-        return _condition(previous, type_, ok, reason, message, generation, now)
-
-    if not targets:
-        where = ", ".join(missing_pinned) if missing_pinned else "any architecture"
-        engines_ready = cond(ENGINES_READY, False, "NoEligibleNodes", f"no eligible node for {where}")
-    elif failed:
-        engines_ready = cond(
-            ENGINES_READY,
-            False,
-            "BuildFailed",
-            "; ".join(f"{a}: {e.reason}: {e.message}" for a, e in sorted(failed.items())),
-        )
-    elif building:
-        engines_ready = cond(ENGINES_READY, False, "Building", f"building engines for {', '.join(sorted(building))}")
-    else:
-        engines_ready = cond(
-            ENGINES_READY, True, "AllEnginesReady", f"{len(ready_engines)}/{len(engines)} engines ready"
-        )
-
-    # Ready means serving: every architecture that should have replicas answers on at least one.
-    wanted = sorted(a for a in serving if shares.get(a, 0) > 0 or a not in shares)
-    waiting = [a for a in wanted if not _serving(present.get(a))]
-    if serving and not wanted:
-        ready = cond(READY, False, "ScaledToZero", "replicas is 0: nothing serves")
-    elif serving and not waiting:
-        ready = cond(READY, True, "Serving", "serving on " + ", ".join(wanted))
-    elif not serving:
-        ready = cond(
-            READY,
-            False,
-            engines_ready.reason if engines_ready.status != "True" else "NotServing",
-            "no architecture has a Ready engine yet: " + engines_ready.message,
-        )
-    else:
-        ready = cond(READY, False, "Unavailable", f"waiting for an available replica on {', '.join(waiting)}")
-
-    rolling = sorted(
-        a
-        for a, d in deployments.items()
-        if d is None or _engine_key_of(d) != serving[a] or not _rolled_out(d, replicas=shares.get(a))
+    facts = Facts(
+        generation=generation,
+        architectures=[
+            Architecture(
+                name=arch,
+                engine=engines.get(arch),
+                replicas=int(shares.get(arch, 0)),
+                deployment=_deployment_for(observed, deployment_name(name, arch)),
+                key_annotation=ANNOTATION_ENGINE_KEY,
+                generation_annotation=ANNOTATION_MODEL_GENERATION,
+            )
+            for arch in sorted(set(targets) | {_arch_of(d) for d in observed.deployments})
+        ],
+        missing_pinned=missing_pinned,
     )
-    rolling = [a for a in rolling if a in engines and engines[a].phase == "Ready"]
-    if building:
-        progressing = cond(PROGRESSING, True, "Building", f"building engines for {', '.join(sorted(building))}")
-    elif rolling:
-        progressing = cond(PROGRESSING, True, "RollingOut", f"rolling out {', '.join(rolling)}")
-    else:
-        progressing = cond(PROGRESSING, False, "Complete", "nothing in progress")
-
-    problems = [f"{a}: {e.reason}: {e.message}" for a, e in sorted(failed.items())]
-    problems += [f"{a}: no eligible node" for a in missing_pinned]
-    if problems:
-        kept = [a for a in failed if a in present]
-        suffix = f" (still serving the previous engine on {', '.join(sorted(kept))})" if kept else ""
-        degraded = cond(DEGRADED, True, "BuildFailed" if failed else "NoEligibleNodes", "; ".join(problems) + suffix)
-    else:
-        degraded = cond(DEGRADED, False, "AsExpected", "no failure")
+    conditions = [_condition(previous, v.type, v.ok, v.reason, v.message, generation, now) for v in decide(facts)]
 
     arch_status = []
     for arch in sorted(set(targets) | set(present)):
@@ -409,10 +363,7 @@ def _status(
     engine_list = [engines[a] for a in sorted(engines)]
     status = {
         "observedGeneration": generation,
-        "conditions": [
-            c.model_dump(mode="json", by_alias=True, exclude_none=True)
-            for c in (ready, engines_ready, progressing, degraded)
-        ],
+        "conditions": [c.model_dump(mode="json", by_alias=True, exclude_none=True) for c in conditions],
         "engines": [e.model_dump(mode="json", by_alias=True, exclude_none=True) for e in engine_list],
         "engineSummary": f"{len(ready_engines)}/{len(engines)}",
         "architectures": arch_status,
@@ -470,13 +421,15 @@ def _rollout_events(observed: Observed, name: str, serving: Mapping[str, str], k
 
 
 def _condition_events(im: InferenceModel, status: Mapping[str, Any]) -> list[EventSpec]:
+    """Ready turning True, Stalled turning True, and Serving turning False: the transitions a user acts on."""
     previous = {c.type: c.status for c in im.status.conditions}
     events = []
     for c in status["conditions"]:
-        if c["type"] == READY and c["status"] != previous.get(READY) and c["status"] == "True":
+        became = c["status"] != previous.get(c["type"])
+        if c["type"] == READY and became and c["status"] == "True":
             events.append(EventSpec("Normal", "Ready", c["message"]))
-        elif c["type"] == READY and previous.get(READY) == "True" and c["status"] == "False":
-            events.append(EventSpec("Warning", "NotReady", f"{c['reason']}: {c['message']}"))
-        elif c["type"] == DEGRADED and c["status"] == "True" and previous.get(DEGRADED) != "True":
-            events.append(EventSpec("Warning", "Degraded", f"{c['reason']}: {c['message']}"))
+        elif c["type"] == STALLED and became and c["status"] == "True":
+            events.append(EventSpec("Warning", "Stalled", f"{c['reason']}: {c['message']}"))
+        elif c["type"] == SERVING and previous.get(SERVING) == "True" and c["status"] == "False":
+            events.append(EventSpec("Warning", "NotServing", f"{c['reason']}: {c['message']}"))
     return events

@@ -28,6 +28,9 @@ LABEL_COMPONENT = f"{GROUP}/component"
 LABEL_BUILD_ID = f"{GROUP}/build-id"
 ANNOTATION_ENGINE_KEY = f"{GROUP}/engine-key"
 ANNOTATION_BUILD_ID = f"{GROUP}/build-id"
+# On a serving Deployment (not its pod template, so it rolls nothing): the InferenceModel generation that last
+# wrote it. Ready needs it to equal metadata.generation, so a spec change reads not-Ready until applied.
+ANNOTATION_MODEL_GENERATION = f"{GROUP}/model-generation"
 ANNOTATION_MODEL_URI = f"{GROUP}/model-uri"
 ANNOTATION_PRECISION = f"{GROUP}/precision"
 ANNOTATION_REBUILD = f"{GROUP}/rebuild"
@@ -423,7 +426,10 @@ def build_deployment(
             "name": deployment_name(name, arch),
             "namespace": im.metadata["namespace"],
             "labels": labels,
-            "annotations": {ANNOTATION_ENGINE_KEY: engine_key_},
+            "annotations": {
+                ANNOTATION_ENGINE_KEY: engine_key_,
+                ANNOTATION_MODEL_GENERATION: str(im.metadata.get("generation", 0)),
+            },
             "ownerReferences": [owner_reference(im)],
         },
         "spec": {

@@ -638,7 +638,7 @@ def test_status_parses_with_conditions_engines_and_autoscaler() -> None:
     assert ready is not None
     assert ready.status == "True"
     assert ready.last_transition_time.year == 2025
-    assert status.condition("Degraded") is None
+    assert status.condition("Stalled") is None
     assert [e.phase for e in status.engines] == ["Ready", "Building"]
     assert status.engines[0].accuracy is not None
     assert status.engines[0].accuracy.top1_agreement == 0.999
@@ -671,7 +671,7 @@ def test_missing_status_reads_as_empty() -> None:
     status = api.parse_inference_model(BASE).status
     assert status.conditions == []
     assert status.replicas is None
-    assert status.observed_generation is None
+    assert status.observed_generation == 0  # what the CRD's status default reads as: not reconciled yet
 
 
 # --- what the models refuse --------------------------------------------------------------------------

@@ -131,7 +131,9 @@ def test_a_new_model_gets_one_build_job_per_architecture_and_no_deployment_yet()
     assert len(kinds(p, "Service")) == 1
     assert cond(p, "EnginesReady")["status"] == "False" and cond(p, "EnginesReady")["reason"] == "Building"
     assert cond(p, "Ready")["status"] == "False"
-    assert cond(p, "Progressing")["status"] == "True"
+    assert (cond(p, "Reconciling")["status"], cond(p, "Reconciling")["reason"]) == ("True", "Building")
+    assert cond(p, "Stalled")["status"] == "False"
+    assert cond(p, "Serving")["status"] == "False"
     assert [e.reason for e in p.events] == ["BuildStarted"] * 4
     assert p.status["engineSummary"] == "0/4"
     assert p.status["observedGeneration"] == 1
@@ -174,7 +176,14 @@ def test_finished_builds_roll_out_deployments_that_serve_their_engine() -> None:
     assert sum(d["spec"]["replicas"] for d in deployments) == 6
     assert im.status.engine_summary == "4/4"
     conds = {c.type: c.status for c in im.status.conditions}
-    assert conds == {"Ready": "True", "EnginesReady": "True", "Progressing": "False", "Degraded": "False"}
+    assert conds == {
+        "Ready": "True",
+        "EnginesReady": "True",
+        "Reconciling": "False",
+        "Stalled": "False",
+        "Serving": "True",
+    }
+    assert next(c for c in im.status.conditions if c.type == "Serving").reason == "CurrentGeneration"
 
 
 @pytest.mark.parametrize(("grace", "drain", "runtime"), [(60, 10, 55), (4, 0, 2), (1, 3, 1)])
@@ -218,9 +227,13 @@ def test_a_precision_change_builds_new_engines_while_old_deployments_keep_servin
     assert not {j["metadata"]["name"] for j in new_jobs} & {j["metadata"]["name"] for j in jobs}
     assert kinds(p, "Deployment") == []  # untouched until the new engines are Ready
     assert p.delete == []  # the old version's Jobs stay until the roll
-    assert cond(p, "Ready")["status"] == "True"
-    assert cond(p, "Progressing")["reason"] == "Building"
-    assert cond(p, "Ready")["observedGeneration"] == 2
+    # Ready is about generation 2: False until it serves; the old version serving says so on its own
+    assert (cond(p, "Ready")["status"], cond(p, "Ready")["observedGeneration"]) == ("False", 2)
+    assert (cond(p, "Reconciling")["status"], cond(p, "Reconciling")["reason"]) == ("True", "Building")
+    serving = cond(p, "Serving")
+    assert (serving["status"], serving["reason"]) == ("True", "PreviousVersion")
+    assert "generation 1" in serving["message"] and "k-sm90-fp16" in serving["message"]
+    assert p.status["observedGeneration"] == 2
 
 
 def test_after_the_new_engines_are_ready_deployments_roll_and_old_jobs_go() -> None:
@@ -274,12 +287,15 @@ def test_a_failed_build_leaves_the_previous_version_serving_and_says_why() -> No
         settings=SETTINGS,
         now=NOW,
     )
-    assert cond(p2, "Ready")["status"] == "True"
-    degraded = cond(p2, "Degraded")
-    assert degraded["status"] == "True" and degraded["reason"] == "BuildFailed"
-    assert "InvalidModel" in degraded["message"] and "still serving" in degraded["message"]
+    assert cond(p2, "Ready")["status"] == "False"
+    stalled = cond(p2, "Stalled")
+    assert stalled["status"] == "True" and stalled["reason"] == "InvalidModel"
+    assert "not an ONNX model" in stalled["message"] and "previous version still serves" in stalled["message"]
+    assert cond(p2, "Reconciling")["status"] == "False"  # never both True: kstatus reads the first
+    assert (cond(p2, "Serving")["status"], cond(p2, "Serving")["reason"]) == ("True", "PreviousVersion")
     assert kinds(p2, "Deployment") == [] and p2.delete == []
     assert [e.reason for e in p2.events].count("BuildFailed") == 4
+    assert [e.reason for e in p2.events].count("Stalled") == 1
     assert any(e.type == "Warning" for e in p2.events)
     # and the failure is sticky: the Job gone (TTL) does not start the build again
     changed = with_status(changed, p2.status)
@@ -319,14 +335,18 @@ def test_a_new_architecture_joining_gets_its_build() -> None:
 def test_pinned_architectures_build_only_those_and_flag_the_missing() -> None:
     p = plan(model(engine={"architectures": ["sm90", "sm100"]}), Observed(nodes=FLEET), settings=SETTINGS, now=NOW)
     assert [j["metadata"]["labels"]["modelfleet.io/architecture"] for j in kinds(p, "Job")] == ["sm90"]
-    degraded = cond(p, "Degraded")
-    assert degraded["status"] == "True" and "sm100" in degraded["message"]
+    # the spec cannot go live on this fleet without a change: Failed for kstatus at once, while sm90 builds
+    stalled = cond(p, "Stalled")
+    assert (stalled["status"], stalled["reason"]) == ("True", "NoEligibleNodes") and "sm100" in stalled["message"]
+    assert (cond(p, "Ready")["status"], cond(p, "Reconciling")["status"]) == ("False", "False")
 
 
 def test_no_eligible_node_is_reported_not_crashed() -> None:
     p = plan(model(), Observed(nodes=[NodeInfo(name="cpu-0", labels={})]), settings=SETTINGS, now=NOW)
     assert p.apply == [kinds(p, "Service")[0]]
     assert cond(p, "EnginesReady")["reason"] == "NoEligibleNodes"
+    assert (cond(p, "Stalled")["status"], cond(p, "Stalled")["reason"]) == ("True", "NoEligibleNodes")
+    assert cond(p, "Reconciling")["status"] == "False"
 
 
 def test_build_identity_changes_with_what_changes_the_engine_and_only_that() -> None:
@@ -452,14 +472,25 @@ def test_scaling_up_keeps_ready_and_reports_progress() -> None:
     during = plan(
         with_status(scaled, p.status), Observed(nodes=FLEET, jobs=jobs, deployments=growing), settings=SETTINGS, now=NOW
     )
-    assert cond(during, "Ready")["status"] == "True"
-    assert cond(during, "Progressing")["reason"] == "RollingOut"
-    assert not [e for e in during.events if e.reason == "NotReady"]
+    assert cond(during, "Ready")["status"] == "True"  # generation 2 serves everywhere; scaling is progress
+    assert (cond(during, "Reconciling")["status"], cond(during, "Reconciling")["reason"]) == ("True", "RollingOut")
+    assert not [e for e in during.events if e.type == "Warning"]
 
 
-def test_zero_replicas_is_not_ready_and_says_so() -> None:
+def test_zero_replicas_is_ready_as_desired_and_not_serving() -> None:
     im, jobs, deployments = serve(model(replicas=2))
     zero = with_status(model(replicas=0), im.model_dump(mode="json", by_alias=True)["status"])
     p = plan(zero, Observed(nodes=FLEET, jobs=jobs, deployments=deployments), settings=SETTINGS, now=NOW)
     assert sum(d["spec"]["replicas"] for d in kinds(p, "Deployment")) == 0
-    assert cond(p, "Ready")["reason"] == "ScaledToZero"
+    assert (cond(p, "Ready")["status"], cond(p, "Ready")["reason"]) == ("True", "ScaledToZero")
+    assert cond(p, "Reconciling")["status"] == "True"  # until the pods are gone
+    gone = [ready_deployment(d) | {"status": {"observedGeneration": 1}} for d in kinds(p, "Deployment")]
+    p2 = plan(
+        with_status(zero, p.status), Observed(nodes=FLEET, jobs=jobs, deployments=gone), settings=SETTINGS, now=NOW
+    )
+    assert [cond(p2, t)["status"] for t in ("Ready", "Reconciling", "Stalled", "Serving")] == [
+        "True",
+        "False",
+        "False",
+        "False",
+    ]

@@ -1,0 +1,204 @@
+"""The conditions GitOps tools read, decided without I/O from what one reconcile pass found per architecture.
+
+They follow the kstatus conventions (sigs.k8s.io/cli-utils/pkg/kstatus/status; Flux, kpt and Helm 4 read
+them) and back the chart's Argo CD health check:
+
+- `Ready` (normal-true): the *current generation* serves everywhere it should — every architecture's engine
+  for this generation is built and every architecture that should have replicas answers from that engine
+  with no pod of an older version left. A spec change turns it False until the new generation is live.
+  A model scaled to zero replicas is Ready (reason ScaledToZero) once its engines are built: as desired.
+- `Reconciling` (abnormal-true): the current generation is being built or rolled out (kstatus: InProgress).
+- `Stalled` (abnormal-true): the current generation cannot go live without a change: a build failed
+  (builds are deterministic and never retried for the same inputs), or no eligible node (kstatus: Failed).
+  Stalled and Reconciling are never True together.
+- `Serving` (normal-true, informational): some version answers requests; its reason says which
+  (CurrentGeneration or PreviousVersion) and its message names the architectures and engine keys, so a
+  failed update reads "the previous version serves" without hiding the failure.
+- `EnginesReady` (normal-true, informational): every engine of the current generation is built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from modelfleet_operator.api import EngineStatus
+
+READY, RECONCILING, STALLED, SERVING, ENGINES_READY = "Ready", "Reconciling", "Stalled", "Serving", "EnginesReady"
+CONDITION_TYPES = (READY, RECONCILING, STALLED, SERVING, ENGINES_READY)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One condition's value before timestamps: reconcile turns it into a metav1.Condition."""
+
+    type: str
+    ok: bool
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One architecture as a reconcile pass sees it."""
+
+    name: str
+    engine: EngineStatus | None  # the current generation's engine; None when the architecture is no target
+    replicas: int  # what it should run
+    deployment: Mapping[str, Any] | None  # its serving Deployment as observed
+    key_annotation: str
+    generation_annotation: str
+
+
+@dataclass(frozen=True)
+class Facts:
+    """Everything the conditions depend on."""
+
+    generation: int
+    architectures: Sequence[Architecture]
+    missing_pinned: Sequence[str]
+
+
+def _annotation(dep: Mapping[str, Any], name: str) -> str:
+    return str((dep["metadata"].get("annotations") or {}).get(name, ""))
+
+
+def _count(dep: Mapping[str, Any], field: str) -> int:
+    return int((dep.get("status") or {}).get(field, 0))
+
+
+def available(a: Architecture) -> bool:
+    return a.deployment is not None and _count(a.deployment, "availableReplicas") >= 1
+
+
+def runs_current(a: Architecture, generation: int) -> bool:
+    """The Deployment is this generation's, observed by its controller, with no older pod left."""
+    dep = a.deployment
+    if dep is None or a.engine is None or a.engine.phase != "Ready":
+        return False
+    return (
+        _annotation(dep, a.key_annotation) == a.engine.key
+        and _annotation(dep, a.generation_annotation) == str(generation)
+        and _count(dep, "observedGeneration") >= int(dep["metadata"].get("generation", 0))
+        and _count(dep, "updatedReplicas") == _count(dep, "replicas")
+    )
+
+
+def live(a: Architecture, generation: int) -> bool:
+    return runs_current(a, generation) and available(a)
+
+
+def rolled_out(a: Architecture, generation: int) -> bool:
+    """Live with every replica it should run available (a Deployment's own kstatus Current)."""
+    if a.replicas == 0:
+        return a.deployment is None or _count(a.deployment, "replicas") == 0
+    return live(a, generation) and all(
+        _count(a.deployment or {}, f) >= a.replicas for f in ("updatedReplicas", "availableReplicas")
+    )
+
+
+def _targets(facts: Facts) -> list[Architecture]:
+    return [a for a in facts.architectures if a.engine is not None]
+
+
+def _failed(facts: Facts) -> list[Architecture]:
+    return [a for a in _targets(facts) if a.engine is not None and a.engine.phase == "Failed"]
+
+
+def _building(facts: Facts) -> list[str]:
+    return [a.name for a in _targets(facts) if a.engine is not None and a.engine.phase in {"Pending", "Building"}]
+
+
+def _serving_summary(archs: Sequence[Architecture], key_of: Mapping[str, str]) -> str:
+    return ", ".join(f"{a.name} (engine {key_of[a.name][:16]})" for a in archs)
+
+
+def stalled(facts: Facts) -> Verdict:
+    if not _targets(facts):
+        where = ", ".join(facts.missing_pinned) or "any architecture"
+        return Verdict(STALLED, True, "NoEligibleNodes", f"no eligible node for {where}")
+    failed = _failed(facts)
+    if failed:
+        reasons = {a.engine.reason for a in failed if a.engine is not None}
+        reason = reasons.pop() if len(reasons) == 1 else "BuildFailed"
+        problems = "; ".join(f"{a.name}: {a.engine.reason}: {a.engine.message}" for a in failed if a.engine)
+        old = [a.name for a in facts.architectures if available(a)]
+        suffix = f" (the previous version still serves on {', '.join(old)})" if old else ""
+        why = f"generation {facts.generation} cannot go live without a change: {problems}{suffix}"
+        return Verdict(STALLED, True, reason or "BuildFailed", why)
+    if facts.missing_pinned:
+        return Verdict(STALLED, True, "NoEligibleNodes", f"no eligible node for {', '.join(facts.missing_pinned)}")
+    return Verdict(STALLED, False, "NotStalled", "nothing blocks the current generation")
+
+
+def reconciling(facts: Facts, blocked: Verdict) -> Verdict:
+    if blocked.ok:
+        return Verdict(RECONCILING, False, "Stalled", "not progressing: see Stalled")
+    building = _building(facts)
+    if building:
+        return Verdict(RECONCILING, True, "Building", f"building engines for {', '.join(sorted(building))}")
+    rolling = [a for a in facts.architectures if not rolled_out(a, facts.generation)]
+    if rolling:
+        detail = ", ".join(
+            f"{a.name} ({_count(a.deployment or {}, 'availableReplicas')}/{a.replicas} available)" for a in rolling
+        )
+        return Verdict(RECONCILING, True, "RollingOut", f"rolling out generation {facts.generation}: {detail}")
+    return Verdict(RECONCILING, False, "Complete", f"generation {facts.generation} is rolled out")
+
+
+def ready(facts: Facts, blocked: Verdict, progress: Verdict) -> Verdict:
+    targets = _targets(facts)
+    wanted = [a for a in targets if a.replicas > 0]
+    not_live = [a.name for a in wanted if not live(a, facts.generation)]
+    engines_built = all(a.engine is not None and a.engine.phase == "Ready" for a in targets)
+    if blocked.ok:
+        return Verdict(READY, False, blocked.reason, blocked.message)
+    if not engines_built:
+        return Verdict(READY, False, progress.reason, progress.message)
+    if not wanted:
+        return Verdict(READY, True, "ScaledToZero", f"generation {facts.generation}: engines built, replicas is 0")
+    if not_live:
+        return Verdict(
+            READY, False, "RollingOut", f"generation {facts.generation} is not live yet on {', '.join(not_live)}"
+        )
+    keys = {a.name: a.engine.key for a in wanted if a.engine is not None}
+    return Verdict(READY, True, "Serving", f"generation {facts.generation} serves on {_serving_summary(wanted, keys)}")
+
+
+def serving(facts: Facts) -> Verdict:
+    answering = [a for a in facts.architectures if available(a)]
+    if not answering:
+        return Verdict(SERVING, False, "NotServing", "no replica of any version is available")
+    old = [a for a in answering if not runs_current(a, facts.generation)]
+    keys = {a.name: _annotation(a.deployment or {}, a.key_annotation) for a in answering}
+    if not old:
+        where = _serving_summary(answering, keys)
+        return Verdict(SERVING, True, "CurrentGeneration", f"generation {facts.generation} serves on {where}")
+    generations = {_annotation(a.deployment or {}, a.generation_annotation) or "?" for a in old}
+    message = (
+        f"the previous version (generation {', '.join(sorted(generations))}) serves on {_serving_summary(old, keys)};"
+        f" generation {facts.generation} is not live there"
+    )
+    return Verdict(SERVING, True, "PreviousVersion", message)
+
+
+def engines_ready(facts: Facts) -> Verdict:
+    targets = _targets(facts)
+    if not targets:
+        return Verdict(ENGINES_READY, False, "NoEligibleNodes", "no architecture to build for")
+    failed = _failed(facts)
+    if failed:
+        detail = "; ".join(f"{a.name}: {a.engine.reason}: {a.engine.message}" for a in failed if a.engine)
+        return Verdict(ENGINES_READY, False, "BuildFailed", detail)
+    building = _building(facts)
+    if building:
+        return Verdict(ENGINES_READY, False, "Building", f"building engines for {', '.join(sorted(building))}")
+    return Verdict(ENGINES_READY, True, "AllEnginesReady", f"{len(targets)}/{len(targets)} engines ready")
+
+
+def decide(facts: Facts) -> list[Verdict]:
+    """Every condition, in the order written to status (kstatus reads the first abnormal-true one)."""
+    blocked = stalled(facts)
+    progress = reconciling(facts, blocked)
+    return [ready(facts, blocked, progress), blocked, progress, serving(facts), engines_ready(facts)]
