@@ -111,9 +111,9 @@ old_key=$(kubectl -n "$ns" get inferencemodel classifier -o jsonpath='{.status.e
 show kubectl -n "$ns" patch inferencemodel classifier --type=merge -p '{"spec":{"engine":{"batch":{"max":16}}}}'
 for _ in $(seq 1 300); do
   key=$(kubectl -n "$ns" get inferencemodel classifier -o jsonpath='{.status.engines[0].key}')
-  progressing=$(kubectl -n "$ns" get inferencemodel classifier -o jsonpath='{.status.conditions[?(@.type=="Progressing")].status}')
+  reconciling=$(kubectl -n "$ns" get inferencemodel classifier -o jsonpath='{.status.conditions[?(@.type=="Reconciling")].status}')
   ready=$(kubectl -n "$ns" get inferencemodel classifier -o jsonpath='{.status.readyReplicas}')
-  [ "$key" != "$old_key" ] && [ "$progressing" = False ] && [ "$ready" = 3 ] && break
+  [ "$key" != "$old_key" ] && [ "$reconciling" = False ] && [ "$ready" = 3 ] && break
   sleep 2
 done
 sleep 3
