@@ -143,7 +143,9 @@ def test_an_example_gets_one_build_per_architecture_then_serves_everywhere(
     assert {e["phase"] for e in status["engines"]} == {"Ready"}
     for c in status["conditions"]:
         assert c["observedGeneration"] == im["metadata"]["generation"]
-    assert condition(status, "Degraded")["status"] == "False"
+    assert condition(status, "Ready")["status"] == "True"
+    assert (condition(status, "Reconciling")["status"], condition(status, "Stalled")["status"]) == ("False", "False")
+    assert condition(status, "Serving")["reason"] == "CurrentGeneration"
     table = cluster.kubectl("-n", ns, "get", "im", "clf").stdout
     assert "4/4" in table.splitlines()[1] and "True" in table.splitlines()[1]
     reasons = {e["reason"] for e in events(cluster, ns)}
@@ -173,10 +175,10 @@ def test_a_precision_change_builds_first_and_rolls_only_when_engines_are_ready(
         lambda: (n := {j["metadata"]["name"] for j in jobs(cluster, ns)} - before_jobs) and len(n) == 4 and n,
     )
     status = wait_for(
-        "Progressing=Building",
+        "Reconciling=Building",
         lambda: (
             (s := model_status(cluster, ns))
-            and condition(s, "Progressing").get("reason") == "Building"
+            and condition(s, "Reconciling").get("reason") == "Building"
             and s["observedGeneration"] == 2
             and s
         ),
@@ -184,7 +186,12 @@ def test_a_precision_change_builds_first_and_rolls_only_when_engines_are_ready(
     # The builds cannot finish (GPU nodes cordoned): the serving Deployments must be exactly as they were.
     assert engine_keys(cluster, ns) == before_keys
     assert {a: d["metadata"]["generation"] for a, d in deployments(cluster, ns).items()} == before_generations
-    assert condition(status, "Ready")["status"] == "True"
+    # Ready is about generation 2, which does not serve yet; the previous version does, and says so
+    assert (condition(status, "Ready")["status"], condition(status, "Ready")["observedGeneration"]) == ("False", 2)
+    assert (condition(status, "Serving")["status"], condition(status, "Serving")["reason"]) == (
+        "True",
+        "PreviousVersion",
+    )
     assert condition(status, "EnginesReady")["status"] == "False"
 
     for node in cordoned_gpus:
@@ -215,22 +222,26 @@ def test_a_failed_build_keeps_the_previous_version_serving_and_says_why(cluster:
         json.dumps({"spec": {"model": {"uri": "pvc://models/clf/broken-export.onnx"}}}),
     )
     status = wait_for(
-        "every new build Failed and Degraded=True",
+        "every new build Failed and Stalled=True",
         lambda: (
             (s := model_status(cluster, ns))
-            and condition(s, "Degraded").get("status") == "True"
+            and condition(s, "Stalled").get("status") == "True"
             and {e["phase"] for e in s["engines"]} == {"Failed"}
             and s
         ),
     )
-    degraded = condition(status, "Degraded")
-    assert degraded["reason"] == "BuildFailed"
-    assert "InvalidModel" in degraded["message"]
-    assert condition(status, "Ready")["status"] == "True"
+    stalled = condition(status, "Stalled")
+    assert stalled["reason"] == "InvalidModel" and "previous version still serves" in stalled["message"]
+    assert (condition(status, "Ready")["status"], condition(status, "Reconciling")["status"]) == ("False", "False")
+    assert (condition(status, "Serving")["status"], condition(status, "Serving")["reason"]) == (
+        "True",
+        "PreviousVersion",
+    )
     assert {e["phase"] for e in status["engines"]} == {"Failed"}
     assert engine_keys(cluster, ns) == before_keys
     warnings = [e for e in events(cluster, ns) if e["type"] == "Warning"]
     assert any(e["reason"] == "BuildFailed" and "InvalidModel" in e["message"] for e in warnings)
+    assert any(e["reason"] == "Stalled" for e in warnings)
 
 
 def test_a_new_architecture_joining_builds_and_serves_and_leaving_removes_it(
@@ -354,11 +365,20 @@ def test_a_pinned_architecture_without_nodes_is_reported(
 ) -> None:
     ns = model_namespace
     apply_model(cluster, ns, engine={"architectures": ["sm90", "sm100"]})
-    wait_ready(cluster, ns)
-    status = model_status(cluster, ns)
+    # sm100 has no node: the spec cannot go live as written (Stalled, kstatus Failed), while sm90 serves
+    status = wait_for(
+        "sm90 serving and Stalled=True",
+        lambda: (
+            (s := model_status(cluster, ns))
+            and condition(s, "Serving").get("status") == "True"
+            and condition(s, "Stalled").get("status") == "True"
+            and s
+        ),
+    )
     assert [e["architecture"] for e in status["engines"]] == ["sm90"]
-    degraded = condition(status, "Degraded")
-    assert degraded["status"] == "True" and degraded["reason"] == "NoEligibleNodes" and "sm100" in degraded["message"]
+    stalled = condition(status, "Stalled")
+    assert stalled["reason"] == "NoEligibleNodes" and "sm100" in stalled["message"]
+    assert condition(status, "Ready")["status"] == "False"
 
 
 def test_autoscaling_takes_over_replicas_and_explains_itself(

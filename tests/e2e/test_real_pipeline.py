@@ -211,7 +211,8 @@ def test_a_new_engine_rolls_out_under_load_without_a_failed_request(cluster: Clu
             return (
                 engine["key"] != old_key
                 and im["status"].get("observedGeneration") == im["metadata"]["generation"]
-                and condition(im, "Progressing").get("status") == "False"
+                and condition(im, "Ready").get("status") == "True"
+                and condition(im, "Reconciling").get("status") == "False"
                 and im["status"].get("readyReplicas") == 3
             )
 
@@ -224,6 +225,18 @@ def test_a_new_engine_rolls_out_under_load_without_a_failed_request(cluster: Clu
     print(f"roll under load: {len(statuses)} requests through the Service, {len(failed)} failed")
     assert len(statuses) > 50, len(statuses)
     assert failed == [], f"{len(failed)} of {len(statuses)} requests failed during the roll: {sorted(set(failed))}"
+
+
+def assert_stalled_with_the_previous_version_serving(im: dict[str, Any], reason: str) -> None:
+    """Generation N cannot go live (Ready False, Stalled True: kstatus Failed) while the old version answers."""
+    assert condition(im, "Ready")["status"] == "False", im["status"]
+    assert condition(im, "Ready")["observedGeneration"] == im["metadata"]["generation"], im["status"]
+    stalled = condition(im, "Stalled")
+    assert stalled["status"] == "True" and stalled["reason"] == reason, stalled
+    assert "previous version still serves on cpu" in stalled["message"], stalled
+    assert condition(im, "Reconciling")["status"] == "False", im["status"]
+    serving = condition(im, "Serving")
+    assert serving["status"] == "True" and serving["reason"] == "PreviousVersion", serving
 
 
 def test_a_corrupt_model_fails_its_build_says_why_and_the_previous_version_keeps_serving(
@@ -241,8 +254,7 @@ def test_a_corrupt_model_fails_its_build_says_why_and_the_previous_version_keeps
     engine = im["status"]["engines"][0]
     assert engine["reason"] == "InvalidModel", engine
     assert "corrupt.onnx" in engine["message"] or "ONNX" in engine["message"], engine["message"]
-    degraded = condition(im, "Degraded")
-    assert degraded["status"] == "True" and "still serving the previous engine" in degraded["message"], degraded
+    assert_stalled_with_the_previous_version_serving(im, "InvalidModel")
     deployment = get(cluster, served, "deployment", "classifier-cpu")
     assert deployment["metadata"]["annotations"]["modelfleet.io/engine-key"] == serving_key
     x = np.random.default_rng(5).standard_normal((2, FEATURES)).astype(np.float32)
@@ -266,7 +278,7 @@ def test_the_operator_pod_killed_mid_rollout_converges_without_duplicates(cluste
         return (
             im["status"].get("observedGeneration") == im["metadata"]["generation"]
             and condition(im, "Ready").get("status") == "True"
-            and condition(im, "Progressing").get("status") == "False"
+            and condition(im, "Reconciling").get("status") == "False"
             and im["status"]["engines"][0]["phase"] == "Ready"
         )
 
@@ -302,9 +314,7 @@ def test_a_model_file_that_does_not_exist_fails_its_build_says_which_and_the_pre
     engine = im["status"]["engines"][0]
     assert engine["reason"] == "FetchFailed", engine
     assert "no-such-model.onnx" in engine["message"] and "no such file" in engine["message"], engine["message"]
-    assert condition(im, "Ready")["status"] == "True", im["status"]  # the old version still serves
-    degraded = condition(im, "Degraded")
-    assert degraded["status"] == "True" and "still serving the previous engine" in degraded["message"], degraded
+    assert_stalled_with_the_previous_version_serving(im, "FetchFailed")
     deployment = get(cluster, served, "deployment", "classifier-cpu")
     assert deployment["metadata"]["annotations"]["modelfleet.io/engine-key"] == serving_key
     x = np.random.default_rng(6).standard_normal((2, FEATURES)).astype(np.float32)
