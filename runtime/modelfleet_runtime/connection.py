@@ -4,21 +4,33 @@ uvicorn's `HttpToolsProtocol` has no header size limit (httptools grows a header
 64 MiB header costs ~10 s of CPU), no header or body read timeout, no timeout for a connection that never
 sends a byte, plain-text 400s, and a 400 for any request carrying `Upgrade: h2c` (httptools hands the
 body to the "upgraded" protocol). This subclass adds, per connection:
-- a header size limit: bytes received while a request's headers are incomplete; past it, 431 and close;
+- a header size limit and a header count limit: the request line and headers as the parser delivers them
+  (so a head that arrives in one read is measured too), and the bytes received while a head is incomplete
+  (so one header that never ends is stopped after a read); past either, 431 and close;
 - a header timeout from the connection's first byte (or its opening) to the end of a request's headers,
   and a body timeout from the end of the headers to the end of the body: 408 and close;
+- a minimum body rate (Kestrel's MinRequestBodyDataRate): after a grace period, a body arriving slower on
+  average than the minimum gets 408 and close, so a trickle does not hold a connection and its share of
+  the body budget for the whole body timeout; time when the server itself is not reading does not count;
 - an idle timeout between keep-alive requests (uvicorn's `timeout_keep_alive`), also armed at connect;
 - a connection cap: connections past it are marked, and the app answers them 503 (health and metrics
   excepted, so probes never fail because of clients) and closes them;
 - upgrades ignored: the request is replayed without its Upgrade headers and served as HTTP/1.1;
+- a graceful shutdown that loses no request already written: busy connections finish their response and
+  close; an idle connection is closed at once only if nothing is waiting to be read on it; one that has
+  not sent its first request yet keeps its idle timer (Go's http.Server gives such connections 5 s), and
+  whatever request it sends is answered (503 while draining) with `Connection: close`;
 - a `ConnectionWatch` in each request's scope, told when the client goes, so queued work is cancelled.
 Malformed HTTP gets a JSON 400 and the connection closes.
 """
 
 from __future__ import annotations
 
+import array
 import asyncio
+import fcntl
 import logging
+import termios
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +53,13 @@ class ConnectionLimits:
     body_timeout_s: float
     idle_timeout_s: float
     max_connections: int
+    max_header_count: int = 100
+    min_body_rate: float = 0.0  # bytes/s; 0 = no minimum
+    body_rate_grace_s: float = 5.0
+
+
+class _HeadTooLarge(Exception):
+    """Raised from a parser callback to stop parsing a request head past a limit."""
 
 
 class ConnectionWatch:
@@ -100,6 +119,15 @@ class HardenedProtocol(HttpToolsProtocol):
         self._deadline: asyncio.TimerHandle | None = None
         self._replay: bytes | None = None
         self._closed = False
+        self._head_size = 0  # request line and headers of the current request, as parsed
+        self._header_count = 0
+        self._head_error: str | None = None
+        self._rate_timer: asyncio.TimerHandle | None = None
+        self._rate_from = 0.0
+        self._rate_bytes = 0
+        self._received_any = False
+        self._in_message = False  # the parser is inside a request (from its first byte to its end)
+        self._shutting_down = False
         self.watch = ConnectionWatch(over_cap=False)
 
     # --- connection --------------------------------------------------------------------------------------
@@ -113,11 +141,13 @@ class HardenedProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         self._cancel_deadline()
+        self._cancel_rate()
         super().connection_lost(exc)
         self.watch.connection_lost()
 
     def data_received(self, data: bytes) -> None:
         self._unset_keepalive_if_required()
+        self._received_any = True
         if self._awaiting_headers:
             self._header_bytes += len(data)
         try:
@@ -126,6 +156,9 @@ class HardenedProtocol(HttpToolsProtocol):
             self._replay_upgrade(data[exc.args[0] :])
             return
         except httptools.HttpParserError as exc:
+            if self._head_error is not None:  # a limit, raised from a header callback
+                self.reject(431, self._head_error)
+                return
             log.debug("invalid HTTP request from %s: %s", self.client, exc)
             self.reject(400, f"invalid HTTP request: {str(exc)[:100]}")
             return
@@ -133,8 +166,8 @@ class HardenedProtocol(HttpToolsProtocol):
             self._after_feed()
 
     def _after_feed(self) -> None:
-        """Limits checked after feeding: a chunk that ends the headers and carries body is not counted
-        against them, and what one chunk adds to an unfinished header is bounded by one read."""
+        """Limits checked after feeding. The bytes of an unfinished head bound a header that never ends (to
+        one read past the limit); a head that ends within the chunk was measured by the header callbacks."""
         if self._awaiting_headers:
             if self._header_bytes > self.limits.max_header_bytes:
                 self.reject(431, f"request headers exceed the limit of {self.limits.max_header_bytes} bytes")
@@ -142,6 +175,9 @@ class HardenedProtocol(HttpToolsProtocol):
                 self._arm(self.limits.header_timeout_s, "headers")
         elif self._deadline is None and self._replay is None:
             self._arm(self.limits.body_timeout_s, "body")
+            if self.limits.min_body_rate > 0:
+                self._rate_from, self._rate_bytes = self.loop.time(), 0
+                self._rate_timer = self.loop.call_later(self.limits.body_rate_grace_s, self._check_rate)
 
     def send_400_response(self, msg: str) -> None:
         self.reject(400, msg)
@@ -166,6 +202,7 @@ class HardenedProtocol(HttpToolsProtocol):
     def _close(self) -> None:
         self._closed = True
         self._cancel_deadline()
+        self._cancel_rate()
         self.transport.close()
 
     # --- timers ------------------------------------------------------------------------------------------
@@ -179,6 +216,26 @@ class HardenedProtocol(HttpToolsProtocol):
             self._deadline.cancel()
             self._deadline = None
 
+    def _cancel_rate(self) -> None:
+        if self._rate_timer is not None:
+            self._rate_timer.cancel()
+            self._rate_timer = None
+
+    def _check_rate(self) -> None:
+        """Every second after the grace period: the body's average rate since its start (or since the server
+        last resumed reading it) must be at least the minimum."""
+        self._rate_timer = None
+        now = self.loop.time()
+        grace, minimum = self.limits.body_rate_grace_s, self.limits.min_body_rate
+        if self.flow.read_paused:  # the server is not reading, so the client cannot send: not its rate
+            self._rate_from, self._rate_bytes = now, 0
+        elif now - self._rate_from >= grace and self._rate_bytes < minimum * (now - self._rate_from):
+            rate = self._rate_bytes / (now - self._rate_from)
+            log.debug("closing %s: request body at %.0f bytes/s", self.client, rate)
+            self.reject(408, f"request body arriving at {rate:.0f} bytes/s, below the minimum of {minimum:g} bytes/s")
+            return
+        self._rate_timer = self.loop.call_at(max(self._rate_from + grace, now + 1.0), self._check_rate)
+
     def _expired(self, phase: str, seconds: float) -> None:
         self._deadline = None
         log.debug("closing %s: request %s not received within %.0fs", self.client, phase, seconds)
@@ -189,6 +246,33 @@ class HardenedProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self.scope["extensions"] = {WATCH_KEY: self.watch}  # type: ignore[dict-item]
+        self._head_size = self._header_count = 0
+        self._in_message = True
+
+    def on_url(self, url: bytes) -> None:
+        super().on_url(url)
+        self._head_size += len(url)
+        self._check_head()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        super().on_header(name, value)
+        self._header_count += 1
+        self._head_size += len(name) + len(value) + 4  # ": " and CRLF
+        self._check_head()
+
+    def _check_head(self) -> None:
+        limits = self.limits
+        if self._head_size > limits.max_header_bytes:
+            self._head_error = f"request headers exceed the limit of {limits.max_header_bytes} bytes"
+        elif self._header_count > limits.max_header_count:
+            self._head_error = f"more than {limits.max_header_count} request headers"
+        else:
+            return
+        raise _HeadTooLarge(self._head_error)
+
+    def on_body(self, body: bytes) -> None:
+        self._rate_bytes += len(body)
+        super().on_body(body)
 
     def on_headers_complete(self) -> None:
         self._awaiting_headers = False
@@ -198,14 +282,48 @@ class HardenedProtocol(HttpToolsProtocol):
             self._replay = self._upgrade_head()
             return
         super().on_headers_complete()
+        if self._shutting_down and self.cycle is not None:
+            self.cycle.keep_alive = False
 
     def on_message_complete(self) -> None:
+        self._in_message = False
         self._awaiting_headers = True
         self._header_bytes = 0
         self._cancel_deadline()
+        self._cancel_rate()
         if self._replay is not None:
             return  # the upgrade request's head, answered when it is replayed
         super().on_message_complete()
+
+    # --- shutdown ------------------------------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """uvicorn's graceful shutdown, for each open connection once the listener is closed.
+
+        uvicorn closes every connection without a response in progress, including one whose next request
+        is already in the socket buffer, half parsed, or about to come on a connection just accepted: those
+        clients get a reset for a request they wrote. Here only a connection with nothing to read and a
+        request behind it is closed at once; the others answer what arrives and close after it.
+        """
+        self._shutting_down = True
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            cycle.keep_alive = False  # answering: closes after its response
+        elif not self._received_any or self._in_message or self.pipeline or self._unread_bytes():
+            pass  # a request is coming (or may: a new connection): answered with Connection: close
+        else:
+            self._close()
+
+    def _unread_bytes(self) -> int:
+        sock = self.transport.get_extra_info("socket")
+        if sock is None:
+            return 0
+        count = array.array("i", [0])
+        try:
+            fcntl.ioctl(sock.fileno(), termios.FIONREAD, count)
+        except OSError:
+            return 0
+        return count[0]
 
     # --- upgrades ----------------------------------------------------------------------------------------
 
