@@ -37,7 +37,7 @@ from typing import Any
 
 import httptools
 import orjson
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
 log = logging.getLogger("modelfleet.http")
 
@@ -86,11 +86,18 @@ class ConnectionWatch:
             callback()
 
 
-def build_error_response(status: int, message: str) -> bytes:
-    """A complete HTTP/1.1 response with a JSON error body that closes the connection."""
+def build_error_response(status: int, message: str, *, close: bool = True) -> bytes:
+    """A complete HTTP/1.1 response with a JSON error body (that closes the connection, by default)."""
     body = orjson.dumps({"error": message})
-    head = b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body)
-    return STATUS_LINE[status] + head + body
+    head = b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body)
+    return STATUS_LINE[status] + head + (b"connection: close\r\n\r\n" if close else b"\r\n") + body
+
+
+# Asked for every request, with its method and raw target, once its head is parsed: an error message if the
+# request is to be refused with 503 without going to the app (an infer request at a full queue), else None.
+Refuser = Callable[[bytes, bytes], str | None]
+# Largest unread body after an early refusal for which the connection is kept (and the body read past).
+_KEEP_UNREAD_BYTES = 1024 * 1024
 
 
 def build_replay(method: bytes, url: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
@@ -110,6 +117,7 @@ class HardenedProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with limits; `limits` is set on the subclass `build_protocol` makes."""
 
     limits: ConnectionLimits
+    refuse: Refuser | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -281,9 +289,54 @@ class HardenedProtocol(HttpToolsProtocol):
         if self.parser.should_upgrade():
             self._replay = self._upgrade_head()
             return
+        if self._refused_early():
+            return
         super().on_headers_complete()
         if self._shutting_down and self.cycle is not None:
             self.cycle.keep_alive = False
+
+    def _refused_early(self) -> bool:
+        """Answer an infer request at a full queue with a 503 here, without an ASGI task: under overload
+        most requests are refused, and what each refusal costs is CPU the model and the admitted requests
+        do not get. Only between responses (never out of order), on a connection under the cap."""
+        refuse = self.refuse
+        if refuse is None or self.pipeline or self.watch.over_cap or self._shutting_down:
+            return False
+        if self.cycle is not None and not self.cycle.response_complete:
+            return False
+        message = refuse(self.parser.get_method(), self.url)
+        if message is None:
+            return False
+        keep = self.parser.should_keep_alive() and not self.expect_100_continue and self._small_body()
+        cycle = RequestResponseCycle(
+            scope=self.scope,
+            transport=self.transport,
+            flow=self.flow,
+            logger=self.logger,
+            access_logger=self.access_logger,
+            access_log=False,
+            default_headers=[],
+            message_event=asyncio.Event(),
+            expect_100_continue=False,
+            keep_alive=keep,
+            on_response=self.on_response_complete,
+        )
+        cycle.response_started = cycle.response_complete = True  # its body, if any, is read past
+        self.cycle = cycle
+        self.transport.write(build_error_response(503, message, close=not keep))
+        if keep:
+            self.on_response_complete()
+        else:
+            self._close()
+        return True
+
+    def _small_body(self) -> bool:
+        for name, value in self.headers:
+            if name == b"transfer-encoding" or (
+                name == b"content-length" and not (value.isdigit() and int(value) <= _KEEP_UNREAD_BYTES)
+            ):
+                return False
+        return True
 
     def on_message_complete(self) -> None:
         self._in_message = False
@@ -344,6 +397,11 @@ class HardenedProtocol(HttpToolsProtocol):
         self.data_received(head + rest)
 
 
-def build_protocol(limits: ConnectionLimits) -> type[HardenedProtocol]:
-    """The protocol class uvicorn instantiates per connection (`Config(http=...)`), bound to `limits`."""
-    return type("ModelfleetHttpProtocol", (HardenedProtocol,), {"limits": limits})
+def build_protocol(limits: ConnectionLimits, refuse: Refuser | None = None) -> type[HardenedProtocol]:
+    """The protocol class uvicorn instantiates per connection (`Config(http=...)`), bound to `limits` and
+    to the app's early refusal."""
+    return type(
+        "ModelfleetHttpProtocol",
+        (HardenedProtocol,),
+        {"limits": limits, "refuse": staticmethod(refuse) if refuse else None},
+    )

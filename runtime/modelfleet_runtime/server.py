@@ -149,11 +149,38 @@ def build_request(scope: dict[str, Any], receive: Any) -> Request:
 class RestApi:
     """Routes requests to the DataPlane. Never raises: every failure becomes an error response."""
 
-    def __init__(self, dataplane: DataPlane, metrics: Metrics, *, max_request_bytes: int, budget: BodyBudget) -> None:
+    def __init__(
+        self,
+        dataplane: DataPlane,
+        metrics: Metrics,
+        *,
+        max_request_bytes: int,
+        budget: BodyBudget,
+        model: tuple[str, str] = ("", ""),
+    ) -> None:
         self.dataplane = dataplane
         self.metrics = metrics
         self.max_request_bytes = max_request_bytes
         self.budget = budget
+        name, version = model
+        self._infer_targets = frozenset(
+            t.encode("latin-1")
+            for t in (f"/v2/models/{name}/infer", f"/v2/models/{name}/versions/{version}/infer")
+            if name
+        )
+
+    def early_refusal(self, method: bytes, target: bytes) -> str | None:
+        """For the connection, before a task is made for the request: the 503 message for an infer request
+        to the served model arriving at a full queue, else None (the app then handles it as usual)."""
+        if method != b"POST" or target not in self._infer_targets:
+            return None
+        dp = self.dataplane
+        if dp.state is not State.READY:
+            return None
+        message = dp.queue_refusal()
+        if message is not None:
+            self.metrics.request_done("rejected_queue_full", None)
+        return message
 
     def payload_too_large(self, size: int | None = None) -> HttpResponse:
         self.metrics.request_done("invalid", None)
@@ -312,7 +339,10 @@ class AsgiApp:
             await self._lifespan(receive, send)
 
     async def _send(self, send: Any, response: HttpResponse) -> None:
-        headers = [(b"content-type", response.content_type.encode())]
+        headers = [
+            (b"content-type", response.content_type.encode()),
+            (b"content-length", b"%d" % len(response.body)),  # not chunked: one frame, one write fewer
+        ]
         if response.header_length is not None:
             headers.append((b"inference-header-content-length", str(response.header_length).encode()))
         if response.retry_after is not None:
@@ -352,6 +382,7 @@ def build_app(settings: ServeSettings) -> tuple[AsgiApp, DataPlane, Metrics]:
                 metrics,
                 max_request_bytes=settings.max_request_bytes,
                 budget=BodyBudget(settings.max_inflight_body_bytes),
+                model=(settings.name, settings.model_version),
             ),
             settings,
         ),
@@ -504,7 +535,7 @@ def build_config(app: AsgiApp, settings: ServeSettings, limits: ConnectionLimits
     return uvicorn.Config(
         app,
         loop="none",
-        http=build_protocol(limits),
+        http=build_protocol(limits, app.api.early_refusal),
         ws="none",  # no upgrades: a request asking for one (h2c, websocket) is served as HTTP/1.1
         lifespan="off",
         access_log=False,

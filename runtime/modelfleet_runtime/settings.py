@@ -66,6 +66,16 @@ class ServeSettings(BaseSettings):
         description="maxQueueSize: requests waiting for a batch; a request arriving at a full queue is "
         "rejected at once with 503. 0 = unbounded.",
     )
+    max_queue_wait_microseconds: int = Field(
+        default=0,
+        ge=0,
+        description="A bound on the queue in time rather than in count: a request arriving when the queued "
+        "requests would take longer than this to compute (estimated from recent batches' cost per item) is "
+        "rejected at once with 503, as at a full maxQueueSize; two full batches are always admitted. Under "
+        "overload it bounds both a request's wait and the backlog left when the overload ends (the time to "
+        "recover), whatever the model's speed on this machine. 0 = bound by maxQueueSize only (Triton's "
+        "semantics).",
+    )
     default_timeout_microseconds: int = Field(
         default=0,
         ge=0,
