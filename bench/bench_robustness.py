@@ -46,7 +46,13 @@ def run_category(name: str, tmp: Path, scale: sc.Scale) -> list[sc.Row]:
         }
         return _with(servers.values(), lambda: sc.malformed(servers, scale))
     if name == "overload":
-        server = Serve(compute, "compute", tmp / "overload.log", max_queue_size=str(sc.QUEUE))
+        server = Serve(
+            compute,
+            "compute",
+            tmp / "overload.log",
+            max_queue_size=str(sc.QUEUE),
+            max_queue_wait_microseconds=str(sc.QUEUE_WAIT_US),
+        )
         return _with([server], lambda: sc.overload(server, scale))
     if name == "signals":
         return [

@@ -322,6 +322,9 @@ async def run_open_loop(
     result = gen.result(mode="open", rate=rate, window_s=duration_s, elapsed_s=duration_s)
     result.connections = connections
     result.extra["cpu_s"] = time.process_time() - cpu0
+    # When the schedule began, on perf_counter's clock (CLOCK_MONOTONIC on Linux, so another process on the
+    # machine can place the window on its own time.monotonic()).
+    result.extra["start"] = start
     return result
 
 

@@ -64,7 +64,8 @@ class Answer:
         for status, body in zip(self.statuses, bodies, strict=False):
             if status >= 400:
                 try:
-                    doc = json.loads(body[: body.rfind(b"}") + 1] or b"null")
+                    # From the first "{" to the last "}": a chunked body's size line and end go.
+                    doc = json.loads(body[max(body.find(b"{"), 0) : body.rfind(b"}") + 1] or b"null")
                 except ValueError:
                     return False
                 if not (isinstance(doc, dict) and isinstance(doc.get("error"), str)):
@@ -75,7 +76,14 @@ class Answer:
 def exchange(
     port: int, payload: bytes | list[bytes], *, timeout: float = 5.0, gap: float = 0.0, want: int = 1
 ) -> Answer:
-    """Write `payload` (pieces `gap` seconds apart), read until `want` responses, EOF or `timeout` of silence."""
+    """Write `payload` (pieces `gap` seconds apart), read until `want` complete responses, EOF or `timeout`
+    of silence.
+
+    A server may answer before the payload is all written (431 for a header past its limit, 413) and close:
+    the write then fails, and what the server sent before closing is still read, so the answer is the
+    status it gave and not just "closed". A response counts once its body (Content-Length) has arrived,
+    since a server may write a response's head and body separately.
+    """
     began = time.perf_counter()
     answer = Answer()
     try:
@@ -88,20 +96,66 @@ def exchange(
                 sock.sendall(piece)
                 if gap:
                     time.sleep(gap)
-            while len(answer.statuses) < want:
+        except OSError:
+            pass  # the server stopped reading: read what it answered before it closed
+        try:
+            while _complete(answer.raw) < want:
                 chunk = sock.recv(1 << 16)
                 if not chunk:
                     break
                 answer.raw += chunk
-                answer.statuses = [int(m) for m in _STATUS.findall(answer.raw)]
             else:
                 answer.end = "answered"
         except TimeoutError:
             answer.end = TIMEOUT
         except OSError:
             answer.end = CLOSED
+        answer.statuses = [int(m) for m in _STATUS.findall(answer.raw)]
     answer.seconds = time.perf_counter() - began
     return answer
+
+
+_LENGTH = re.compile(rb"\r\ncontent-length: *(\d+)", re.IGNORECASE)
+
+
+def _complete(raw: bytes) -> int:
+    """How many complete responses `raw` holds: a 1xx has no body; others are framed by Content-Length or
+    chunked."""
+    count = 0
+    while raw:
+        end = raw.find(b"\r\n\r\n")
+        if end < 0:
+            break
+        head, rest = raw[: end + 2], raw[end + 4 :]
+        if head.startswith(b"HTTP/1.1 1"):
+            size = 0
+        elif b"transfer-encoding: chunked" in head.lower():
+            size = _chunked_size(rest)
+            if size < 0:
+                break
+        else:
+            match = _LENGTH.search(head)
+            size = int(match.group(1)) if match else 0
+        if len(rest) < size:
+            break
+        raw = rest[size:]
+        count += 1
+    return count
+
+
+def _chunked_size(body: bytes) -> int:
+    """Bytes of a chunked body up to its last chunk's end, or -1 while it is incomplete."""
+    at = 0
+    while True:
+        line_end = body.find(b"\r\n", at)
+        if line_end < 0:
+            return -1
+        size = int(body[at:line_end].split(b";")[0] or b"0", 16)
+        at = line_end + 2 + size + 2
+        if at > len(body):
+            return -1
+        if size == 0:
+            return at
 
 
 def get(path: str, port: int) -> bytes:

@@ -128,12 +128,23 @@ class Batcher:
         self._flush = False
         self._closed = False
         self._pumping = False
+        self._item_s: float | None = None  # recent compute seconds per item (an exponential average)
         self._executor = ThreadPoolExecutor(max_workers=config.instances, thread_name_prefix="modelfleet-infer")
 
     @property
     def queue_depth(self) -> int:
         """Requests waiting for a batch (cancelled ones linger until a batch passes them)."""
         return len(self._queue)
+
+    def queued_seconds(self) -> float:
+        """About how long the requests now queued will take to compute, from recent batches' cost per item
+        (0 until a batch has run). A request arriving now waits about this long, plus the batch running."""
+        return self._queued_items * (self._item_s or 0.0) / self._config.instances
+
+    @property
+    def full_batches_queued(self) -> float:
+        """Queued items as a number of maxBatchSize batches."""
+        return self._queued_items / self._max
 
     @property
     def busy(self) -> int:
@@ -355,6 +366,8 @@ class Batcher:
             return [_batch_error(what, result)] * len(sizes)
         for items, seconds in result.runs:
             self._observer.computed(items, seconds)
+            per_item = seconds / items
+            self._item_s = per_item if self._item_s is None else 0.8 * self._item_s + 0.2 * per_item
         if result.retried is not None:
             failed = sum(isinstance(r, Exception) for r in result.results)
             log.info("%s failed on a request's values (%s); one by one, %d failed", what, result.retried, failed)

@@ -335,10 +335,28 @@ class DataPlane:
         batcher = self._batcher
         if self._state is not State.READY or batcher is None:
             raise Unavailable(f"model '{name}' is {self._state.value}: not accepting requests")
+        refusal = self.queue_refusal()
+        if refusal is not None:
+            raise QueueFull(refusal)
+        return sig
+
+    def queue_refusal(self) -> str | None:
+        """Why a request arriving now would be refused for a full queue (by count, or by the time the queued
+        work will take), or None. Cheap: the connection asks it for every infer request before the app does."""
+        batcher = self._batcher
+        if batcher is None:
+            return None
         limit = self._settings.max_queue_size
         if limit and batcher.queue_depth >= limit:
-            raise QueueFull(f"queue full: {batcher.queue_depth} requests are already waiting (maxQueueSize {limit})")
-        return sig
+            return f"queue full: {batcher.queue_depth} requests are already waiting (maxQueueSize {limit})"
+        wait_us = self._settings.max_queue_wait_microseconds
+        # Two full batches are always admitted, so batches can fill whatever the cost estimate says.
+        if wait_us and batcher.full_batches_queued >= 2 and batcher.queued_seconds() * 1e6 > wait_us:
+            return (
+                f"queue full: the {batcher.queue_depth} requests waiting take about "
+                f"{batcher.queued_seconds() * 1e3:.0f} ms to compute (maxQueueWait {wait_us / 1e3:g} ms)"
+            )
+        return None
 
     def _decode(self, body: bytes, header_length: str | None, sig: ModelSignature) -> Decoded:
         request = decode_infer_request(body, parse_header_length(header_length, len(body)))

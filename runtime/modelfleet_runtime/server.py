@@ -21,11 +21,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
 import logging
 import math
 import os
 import resource
 import socket
+import struct
 import sys
 import time
 import zlib
@@ -147,11 +149,38 @@ def build_request(scope: dict[str, Any], receive: Any) -> Request:
 class RestApi:
     """Routes requests to the DataPlane. Never raises: every failure becomes an error response."""
 
-    def __init__(self, dataplane: DataPlane, metrics: Metrics, *, max_request_bytes: int, budget: BodyBudget) -> None:
+    def __init__(
+        self,
+        dataplane: DataPlane,
+        metrics: Metrics,
+        *,
+        max_request_bytes: int,
+        budget: BodyBudget,
+        model: tuple[str, str] = ("", ""),
+    ) -> None:
         self.dataplane = dataplane
         self.metrics = metrics
         self.max_request_bytes = max_request_bytes
         self.budget = budget
+        name, version = model
+        self._infer_targets = frozenset(
+            t.encode("latin-1")
+            for t in (f"/v2/models/{name}/infer", f"/v2/models/{name}/versions/{version}/infer")
+            if name
+        )
+
+    def early_refusal(self, method: bytes, target: bytes) -> str | None:
+        """For the connection, before a task is made for the request: the 503 message for an infer request
+        to the served model arriving at a full queue, else None (the app then handles it as usual)."""
+        if method != b"POST" or target not in self._infer_targets:
+            return None
+        dp = self.dataplane
+        if dp.state is not State.READY:
+            return None
+        message = dp.queue_refusal()
+        if message is not None:
+            self.metrics.request_done("rejected_queue_full", None)
+        return message
 
     def payload_too_large(self, size: int | None = None) -> HttpResponse:
         self.metrics.request_done("invalid", None)
@@ -310,7 +339,10 @@ class AsgiApp:
             await self._lifespan(receive, send)
 
     async def _send(self, send: Any, response: HttpResponse) -> None:
-        headers = [(b"content-type", response.content_type.encode())]
+        headers = [
+            (b"content-type", response.content_type.encode()),
+            (b"content-length", b"%d" % len(response.body)),  # not chunked: one frame, one write fewer
+        ]
         if response.header_length is not None:
             headers.append((b"inference-header-content-length", str(response.header_length).encode()))
         if response.retry_after is not None:
@@ -350,6 +382,7 @@ def build_app(settings: ServeSettings) -> tuple[AsgiApp, DataPlane, Metrics]:
                 metrics,
                 max_request_bytes=settings.max_request_bytes,
                 budget=BodyBudget(settings.max_inflight_body_bytes),
+                model=(settings.name, settings.model_version),
             ),
             settings,
         ),
@@ -385,6 +418,60 @@ def build_listener(host: str, port: int, backlog: int) -> socket.socket:
     return sock
 
 
+# A classic BPF socket filter that drops TCP segments with SYN set and ACK clear (a new connection's first
+# packet) and passes every other one: `ldb [13]` is the TCP flags byte (a TCP socket filter sees the segment
+# from its TCP header on).
+_DROP_SYN = (
+    (0x30, 0, 0, 13),  # A = flags
+    (0x54, 0, 0, 0x12),  # A &= SYN | ACK
+    (0x15, 0, 1, 0x02),  # A == SYN ?
+    (0x06, 0, 0, 0),  # drop
+    (0x06, 0, 0, 0xFFFFFFFF),  # pass
+)
+_SO_ATTACH_FILTER = 26
+_HANDSHAKE_SETTLE_S = 0.05  # for handshakes already under way to complete (a round trip in a cluster)
+
+
+def refuse_new_handshakes(sock: socket.socket) -> bool:
+    """Stop new connections reaching the listener's queue, without resetting those already in it.
+
+    Closing a listener resets every connection in its accept queue, and every handshake under way, though
+    each of those clients saw its connect() succeed and may have written a request. With new SYNs dropped,
+    the handshakes under way complete, the server accepts them, and only then is the listener closed;
+    a client whose SYN was dropped retries it and is refused (or reaches another replica). Linux only;
+    False where the filter cannot be attached.
+    """
+    code = (ctypes.c_ubyte * (8 * len(_DROP_SYN)))()
+    for i, (op, jt, jf, k) in enumerate(_DROP_SYN):
+        struct.pack_into("HBBI", code, 8 * i, op, jt, jf, k)
+    program = struct.pack("@HP", len(_DROP_SYN), ctypes.addressof(code))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, program)
+    except OSError:
+        return False
+    return True
+
+
+def accept_queue_length(sock: socket.socket) -> int:
+    """Connections in a listener's accept queue (Linux reports it as tcpi_unacked of a listening socket)."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    except OSError:
+        return 0
+    return int(struct.unpack_from("I", info, 24)[0])
+
+
+async def empty_listener(sock: socket.socket, limit_s: float = 2.0) -> None:
+    """Refuse new handshakes, then let the loop accept what is queued, before the listener is closed."""
+    if not refuse_new_handshakes(sock):
+        return
+    loop = asyncio.get_running_loop()
+    await asyncio.sleep(_HANDSHAKE_SETTLE_S)
+    deadline = loop.time() + limit_s
+    while accept_queue_length(sock) and loop.time() < deadline:  # noqa: ASYNC110 (a kernel queue: no event)
+        await asyncio.sleep(0.001)
+
+
 def _uvicorn_server(config: Any, on_signal: Callable[[], object]) -> Any:
     import uvicorn
 
@@ -403,6 +490,13 @@ def _uvicorn_server(config: Any, on_signal: Callable[[], object]) -> Any:
                 return
             self.signalled = True
             on_signal()
+
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            # Accept every connection whose client already saw connect() succeed before uvicorn closes the
+            # listener; each connection's shutdown() (connection.py) then loses no request written to it.
+            for sock in sockets or []:
+                await empty_listener(sock)
+            await super().shutdown(sockets)
 
     return DrainingServer(config)
 
@@ -429,6 +523,9 @@ def build_limits(settings: ServeSettings, open_files: int) -> ConnectionLimits:
         body_timeout_s=settings.body_timeout_seconds,
         idle_timeout_s=settings.idle_timeout_seconds,
         max_connections=max(1, min(settings.max_connections, open_files - _RESERVED_FDS)),
+        max_header_count=settings.max_header_count,
+        min_body_rate=settings.min_body_bytes_per_second,
+        body_rate_grace_s=settings.body_rate_grace_seconds,
     )
 
 
@@ -438,7 +535,7 @@ def build_config(app: AsgiApp, settings: ServeSettings, limits: ConnectionLimits
     return uvicorn.Config(
         app,
         loop="none",
-        http=build_protocol(limits),
+        http=build_protocol(limits, app.api.early_refusal),
         ws="none",  # no upgrades: a request asking for one (h2c, websocket) is served as HTTP/1.1
         lifespan="off",
         access_log=False,

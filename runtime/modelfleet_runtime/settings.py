@@ -66,6 +66,16 @@ class ServeSettings(BaseSettings):
         description="maxQueueSize: requests waiting for a batch; a request arriving at a full queue is "
         "rejected at once with 503. 0 = unbounded.",
     )
+    max_queue_wait_microseconds: int = Field(
+        default=0,
+        ge=0,
+        description="A bound on the queue in time rather than in count: a request arriving when the queued "
+        "requests would take longer than this to compute (estimated from recent batches' cost per item) is "
+        "rejected at once with 503, as at a full maxQueueSize; two full batches are always admitted. Under "
+        "overload it bounds both a request's wait and the backlog left when the overload ends (the time to "
+        "recover), whatever the model's speed on this machine. 0 = bound by maxQueueSize only (Triton's "
+        "semantics).",
+    )
     default_timeout_microseconds: int = Field(
         default=0,
         ge=0,
@@ -109,6 +119,13 @@ class ServeSettings(BaseSettings):
         ge=1024,
         description="Largest request head (request line and headers); larger gets 431 and the connection closes.",
     )
+    max_header_count: int = Field(
+        default=100,
+        ge=1,
+        description="Most request headers accepted; more gets 431 and the connection closes. 100 as in Envoy, "
+        "Kestrel, Tomcat and Apache (LimitRequestFields): an inference client sends about ten, and a chain "
+        "of proxies adds a few dozen at most.",
+    )
     header_timeout_seconds: float = Field(
         default=10.0,
         gt=0,
@@ -119,6 +136,20 @@ class ServeSettings(BaseSettings):
         gt=0,
         description="A request's body must arrive within this from the end of its head (64 MiB needs ~9 Mbit/s); "
         "else 408 and close. Slow uploads cannot hold memory and connections for ever.",
+    )
+    min_body_bytes_per_second: float = Field(
+        default=240.0,
+        ge=0,
+        description="After body_rate_grace_seconds, a request body arriving slower than this on average (since "
+        "its start, or since the server last resumed reading it) gets 408 and the connection closes, so a "
+        "trickle cannot hold a connection and its share of the body budget for the whole body timeout. "
+        "Kestrel's MinRequestBodyDataRate default (240 bytes/s after 5 s); a body that can finish within "
+        "body_timeout_seconds at all (64 MiB needs ~1.1 MB/s) is far above it. 0 = no minimum.",
+    )
+    body_rate_grace_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        description="How long a request body may arrive at any rate before min_body_bytes_per_second applies.",
     )
     idle_timeout_seconds: float = Field(
         default=15.0,

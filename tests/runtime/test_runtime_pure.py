@@ -832,3 +832,57 @@ def test_named_dimensions_must_agree_across_inputs() -> None:
         "input 'mask' has 4 along axis 1 but input 'ids' has 5 along axis 1; the model names both 'seq', "
         "so they must be equal"
     )
+
+
+# --- the queue bounded in time ----------------------------------------------------------------------------
+
+
+def test_the_queue_is_bounded_by_the_time_its_work_takes_but_always_holds_two_full_batches() -> None:
+    from modelfleet_runtime.dataplane import DataPlane
+
+    gate = threading.Event()
+    held = threading.Event()
+
+    def slow(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if held.is_set():
+            gate.wait(timeout=120)  # hold the running batch so the rest queue behind it
+        else:
+            threading.Event().wait(0.02)  # the first batch: at least 10 ms per item
+        return {"y": inputs["x"]}
+
+    async def scenario() -> None:
+        config = BatcherConfig(
+            max_batch_size=2,
+            preferred_batch_sizes=frozenset(),
+            max_queue_delay_s=3600.0,
+            max_queue_size=0,
+            instances=1,
+            batched=True,
+        )
+        batcher = Batcher(infer=slow, input_names=("x",), config=config)
+        settings = ServeSettings(model=Path("m.onnx"), name="m", max_queue_wait_microseconds=40_000)
+        dp = DataPlane(settings=settings, metrics=Metrics("m"))
+        dp._batcher = batcher
+
+        def one() -> asyncio.Future[dict[str, np.ndarray]]:
+            return batcher.submit({"x": np.zeros((1, 1), np.float32)}, 1, (), None)
+
+        assert batcher.queued_seconds() == 0.0  # no batch has run: no estimate yet
+        await asyncio.wait_for(asyncio.gather(one(), one()), timeout=60)
+        held.set()
+        running = [one(), one()]  # a full batch: dispatched, held by the gate
+        queued = [one() for _ in range(3)]
+        assert batcher.queue_depth == 3
+        assert batcher.queued_seconds() >= 0.03  # 3 items at >= 10 ms: over the 40 ms bound...
+        assert dp.queue_refusal() is None  # ...but fewer than two full batches (4 items) are queued
+        queued.append(one())
+        refusal = dp.queue_refusal()
+        assert refusal is not None
+        assert "the 4 requests waiting take about" in refusal
+        assert "(maxQueueWait 40 ms)" in refusal
+        gate.set()
+        await asyncio.wait_for(asyncio.gather(*running, *queued), timeout=60)
+        assert dp.queue_refusal() is None
+        await batcher.close()
+
+    asyncio.run(scenario())

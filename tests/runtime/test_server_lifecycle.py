@@ -267,7 +267,8 @@ def test_sigterm_during_warm_up_exits_without_finishing_it(start_server: ServerF
 
 @pytest.mark.timeout(600)
 def test_sigterm_lets_a_request_still_uploading_finish(start_server: ServerFactory, models: dict[str, Path]) -> None:
-    server = start_server(models["classifier"], "classifier", drain_grace_seconds="120")
+    # No minimum body rate: the upload stalls on purpose, longer than its grace period.
+    server = start_server(models["classifier"], "classifier", drain_grace_seconds="120", min_body_bytes_per_second="0")
     x = np.random.default_rng(5).normal(size=(3, FEATURES)).astype(np.float32)
     body = json.dumps(infer_body(x)).encode()
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=300)
@@ -288,3 +289,52 @@ def test_sigterm_lets_a_request_still_uploading_finish(start_server: ServerFacto
     np.testing.assert_allclose(got, classifier_reference(x), rtol=1e-5, atol=1e-6)
     assert server.proc.wait(timeout=120) == 0
     assert server.final_counts()["success"] == 1
+
+
+def refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=60).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+@pytest.mark.timeout(600)
+def test_sigterm_answers_requests_on_connections_open_when_the_listener_closes(
+    start_server: ServerFactory, models: dict[str, Path]
+) -> None:
+    # Long timers, so only the shutdown can close these connections while the test runs.
+    server = start_server(
+        models["classifier"],
+        "classifier",
+        drain_grace_seconds="300",
+        header_timeout_seconds="300",
+        idle_timeout_seconds="300",
+    )
+    body = json.dumps(infer_body(np.ones((1, FEATURES), np.float32))).encode()
+    head = f"POST /v2/models/classifier/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n".encode()
+    # One connection answered once, with the next request's head half written (in the same write, so it is
+    # read with the first request: the 200 proves the server holds the half head).
+    busy = socket.create_connection(("127.0.0.1", server.port), timeout=300)
+    busy.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n" + head)
+    first = http.client.HTTPResponse(busy)
+    first.begin()
+    first.read()
+    assert first.status == 200
+    # One connection open but silent: the client saw connect() succeed, and will write its request later.
+    silent = socket.create_connection(("127.0.0.1", server.port), timeout=300)
+    server.proc.send_signal(signal.SIGTERM)
+    # Refused: the listener is closed, so the shutdown has already gone over the open connections.
+    deadline = time.monotonic() + 300
+    while not refused(server.port):
+        assert time.monotonic() < deadline, server.log()
+    for sock, rest in [(busy, b"\r\n" + body), (silent, head + b"\r\n" + body)]:
+        sock.sendall(rest)
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        payload = response.read()
+        assert response.status == 503, payload
+        assert response.getheader("connection") == "close"
+        assert "draining" in json.loads(payload)["error"]
+        sock.close()
+    assert server.proc.wait(timeout=120) == 0, server.log()

@@ -8,6 +8,7 @@ import resource
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -250,3 +251,66 @@ def test_a_taken_port_is_one_line_and_exit_code_1(models: dict[str, Path]) -> No
     errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
     assert len(errors) == 1
     assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in errors[0]
+
+
+@pytest.mark.timeout(300)
+def test_a_head_past_the_limit_in_one_read_gets_431(limited: ServerProcess) -> None:
+    # 12 KiB of headers in one write: the head is complete within one read, which the count of bytes
+    # received while a head is unfinished never sees.
+    many = b"".join(b"X-h%d: %s\r\n" % (i, b"v" * 600) for i in range(20))
+    sock = connect(limited)
+    sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n" + many + b"\r\n")
+    status, headers, body = read_response(sock)
+    assert status == 431
+    assert headers["connection"] == "close"
+    assert "exceed the limit of 8192 bytes" in json_error(body)
+    assert closed_by_server(sock)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(("count", "status"), [(99, 200), (100, 431)])
+def test_more_than_100_headers_get_431(limited: ServerProcess, count: int, status: int) -> None:
+    extra = b"".join(b"X-%d: v\r\n" % i for i in range(count))  # plus Host: 100 or 101 headers, ~1 KiB
+    sock = connect(limited)
+    sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n" + extra + b"\r\n")
+    got, _, body = read_response(sock)
+    assert got == status, body
+    if status == 431:
+        assert json_error(body) == "more than 100 request headers"
+
+
+@pytest.fixture
+def rate_limited(start_server: ServerFactory, models: dict[str, Path]) -> ServerProcess:
+    return start_server(
+        models["classifier"],
+        "classifier",
+        min_body_bytes_per_second="200",
+        body_rate_grace_seconds="1",
+        body_timeout_seconds="600",
+    )
+
+
+@pytest.mark.timeout(300)
+def test_a_body_trickling_below_the_minimum_rate_gets_408(rate_limited: ServerProcess) -> None:
+    sock = connect(rate_limited)
+    sock.sendall(b'POST /v2/models/classifier/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n{"in')
+    status, _, body = read_response(sock)  # long before the 600 s body timeout
+    assert status == 408
+    assert "below the minimum of 200 bytes/s" in json_error(body)
+    assert closed_by_server(sock)
+
+
+@pytest.mark.timeout(300)
+def test_a_slow_body_above_the_minimum_rate_is_served(rate_limited: ServerProcess) -> None:
+    x = np.random.default_rng(4).normal(size=(8, FEATURES)).astype(np.float32)
+    body = infer_json(x)
+    pieces = [body[i : i + len(body) // 10 + 1] for i in range(0, len(body), len(body) // 10 + 1)]
+    sock = connect(rate_limited)
+    sock.sendall(b"POST /v2/models/classifier/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body))
+    for piece in pieces:  # ~2.5 s at well over 200 bytes/s: past the grace period, above the minimum
+        time.sleep(0.25)
+        sock.sendall(piece)
+    status, _, payload = read_response(sock)
+    assert status == 200, payload
+    got = np.asarray(json.loads(payload)["outputs"][0]["data"], np.float32).reshape(8, -1)
+    np.testing.assert_allclose(got, classifier_reference(x), rtol=1e-5, atol=1e-6)
