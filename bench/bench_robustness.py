@@ -102,8 +102,8 @@ def markdown(rows: list[sc.Row], *, label: str, quick: bool, took_s: float, requ
         f"Measured {time.strftime('%Y-%m-%d %H:%M %Z')} on {platform.node() or 'this machine'} "
         f"({os.cpu_count()} cores, Python {platform.python_version()}), commit {_commit()}, in {took_s / 60:.1f} min. "
         f"The compute-bound model costs {request_ms:.1f} ms per batch-1 request on one core, in-process. "
-        "**The CPU was shared with other work during the run** (other sessions building and testing), so "
-        "latency figures are noisier than on an idle machine.",
+        f"Load average (1 min) at the start: {os.getloadavg()[0]:.2f}; anything else running shares the "
+        f"{os.cpu_count()} cores and makes the latency figures noisier.",
         "",
     ]
     for category in dict.fromkeys(r.category for r in rows):
