@@ -242,25 +242,32 @@ def assert_stalled_with_the_previous_version_serving(im: dict[str, Any], reason:
 def test_a_corrupt_model_fails_its_build_says_why_and_the_previous_version_keeps_serving(
     cluster: Cluster, served: str
 ) -> None:
-    serving_key = get(cluster, served, "inferencemodel", "classifier")["status"]["engines"][0]["key"]
-    apply(cluster, served, inference_model("classifier", "pvc://models/corrupt.onnx"))
+    engine = apply_a_failing_version(cluster, served, "pvc://models/corrupt.onnx", "InvalidModel", seed=5)
+    assert "corrupt.onnx" in engine["message"] or "ONNX" in engine["message"], engine["message"]
+
+
+def apply_a_failing_version(cluster: Cluster, namespace: str, uri: str, reason: str, *, seed: int) -> dict[str, Any]:
+    """Apply a version whose real build fails; check it fails for `reason` while the serving version keeps its
+    Deployment and still answers correctly through the Service. Returns the failed engine's status."""
+    before = get(cluster, namespace, "inferencemodel", "classifier")["status"]["engines"][0]
+    apply(cluster, namespace, inference_model("classifier", uri))
 
     def failed() -> dict[str, Any] | None:
-        im = get(cluster, served, "inferencemodel", "classifier")
-        engines = im["status"].get("engines") or [{}]
-        return im if engines[0].get("phase") == "Failed" else None
+        im = get(cluster, namespace, "inferencemodel", "classifier")
+        engine = (im["status"].get("engines") or [{}])[0]
+        return im if engine.get("phase") == "Failed" and engine.get("buildId") != before["buildId"] else None
 
     im = wait_for("the build to fail", failed, timeout=READY_SECONDS)
-    engine = im["status"]["engines"][0]
-    assert engine["reason"] == "InvalidModel", engine
-    assert "corrupt.onnx" in engine["message"] or "ONNX" in engine["message"], engine["message"]
-    assert_stalled_with_the_previous_version_serving(im, "InvalidModel")
-    deployment = get(cluster, served, "deployment", "classifier-cpu")
-    assert deployment["metadata"]["annotations"]["modelfleet.io/engine-key"] == serving_key
-    x = np.random.default_rng(5).standard_normal((2, FEATURES)).astype(np.float32)
+    engine: dict[str, Any] = im["status"]["engines"][0]
+    assert engine["reason"] == reason, engine
+    assert_stalled_with_the_previous_version_serving(im, reason)
+    deployment = get(cluster, namespace, "deployment", "classifier-cpu")
+    assert deployment["metadata"]["annotations"]["modelfleet.io/engine-key"] == before["key"]
+    x = np.random.default_rng(seed).standard_normal((2, FEATURES)).astype(np.float32)
     np.testing.assert_allclose(
-        infer(f"{cluster_ip(cluster, served, 'classifier')}:80", x), classifier_reference(x), atol=1e-5
+        infer(f"{cluster_ip(cluster, namespace, 'classifier')}:80", x), classifier_reference(x), atol=1e-5
     )
+    return engine
 
 
 def test_the_operator_pod_killed_mid_rollout_converges_without_duplicates(cluster: Cluster, served: str) -> None:
@@ -302,25 +309,8 @@ def test_the_operator_pod_killed_mid_rollout_converges_without_duplicates(cluste
 def test_a_model_file_that_does_not_exist_fails_its_build_says_which_and_the_previous_version_keeps_serving(
     cluster: Cluster, served: str
 ) -> None:
-    serving_key = get(cluster, served, "inferencemodel", "classifier")["status"]["engines"][0]["key"]
-    apply(cluster, served, inference_model("classifier", "pvc://models/no-such-model.onnx"))
-
-    def failed() -> dict[str, Any] | None:
-        im = get(cluster, served, "inferencemodel", "classifier")
-        engines = im["status"].get("engines") or [{}]
-        return im if engines[0].get("phase") == "Failed" and "no-such" in engines[0].get("message", "") else None
-
-    im = wait_for("the build to fail", failed, timeout=READY_SECONDS)
-    engine = im["status"]["engines"][0]
-    assert engine["reason"] == "FetchFailed", engine
+    engine = apply_a_failing_version(cluster, served, "pvc://models/no-such-model.onnx", "FetchFailed", seed=6)
     assert "no-such-model.onnx" in engine["message"] and "no such file" in engine["message"], engine["message"]
-    assert_stalled_with_the_previous_version_serving(im, "FetchFailed")
-    deployment = get(cluster, served, "deployment", "classifier-cpu")
-    assert deployment["metadata"]["annotations"]["modelfleet.io/engine-key"] == serving_key
-    x = np.random.default_rng(6).standard_normal((2, FEATURES)).astype(np.float32)
-    np.testing.assert_allclose(
-        infer(f"{cluster_ip(cluster, served, 'classifier')}:80", x), classifier_reference(x), atol=1e-5
-    )
 
 
 AUTOSCALED = "autoscaled"

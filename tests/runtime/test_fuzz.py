@@ -35,42 +35,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
+from modelfleet_runtime.protocol import DATATYPES
 from tests.modelzoo import FEATURES, IR_VERSION, OPSET, classifier_reference, two_io_reference
 from tests.runtime.conftest import ServerFactory, ServerProcess
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 # (connect, read) seconds: a request not answered by then is a hang.
 CLIENT_TIMEOUT = (10.0, 30.0)
-NUMERIC: dict[str, np.dtype[Any]] = {
-    "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype(np.uint8),
-    "UINT16": np.dtype(np.uint16),
-    "UINT32": np.dtype(np.uint32),
-    "UINT64": np.dtype(np.uint64),
-    "INT8": np.dtype(np.int8),
-    "INT16": np.dtype(np.int16),
-    "INT32": np.dtype(np.int32),
-    "INT64": np.dtype(np.int64),
-    "FP16": np.dtype(np.float16),
-    "FP32": np.dtype(np.float32),
-    "FP64": np.dtype(np.float64),
-}
+# The protocol's own table: the kitchen model's Identity per datatype checks each entry against ONNX Runtime.
+NUMERIC: dict[str, np.dtype[Any]] = {k: v for k, v in DATATYPES.items() if k != "BYTES"}
 ALL_DATATYPES = [*NUMERIC, "BYTES", "BF16"]
-_ONNX_TYPES = {
-    "BOOL": TensorProto.BOOL,
-    "UINT8": TensorProto.UINT8,
-    "UINT16": TensorProto.UINT16,
-    "UINT32": TensorProto.UINT32,
-    "UINT64": TensorProto.UINT64,
-    "INT8": TensorProto.INT8,
-    "INT16": TensorProto.INT16,
-    "INT32": TensorProto.INT32,
-    "INT64": TensorProto.INT64,
-    "FP16": TensorProto.FLOAT16,
-    "FP32": TensorProto.FLOAT,
-    "FP64": TensorProto.DOUBLE,
-    "BYTES": TensorProto.STRING,
-}
+_ONNX_TYPES = {k: helper.np_dtype_to_tensor_dtype(v) for k, v in NUMERIC.items()} | {"BYTES": TensorProto.STRING}
 VOCAB, EMBED = 50, 8
 MAX_BATCH = 8
 _LEAK = re.compile(r'Traceback|File "|(?:/[\w.-]+)+\.(?:py|cc|cpp|h|hpp)\b|onnxruntime/')
