@@ -4,6 +4,13 @@
 # keeps fake CPU nodes instead).
 # Usage: hack/cluster.sh up|down|status|kubeconfig
 set -euo pipefail
+# The daemons started from here must not inherit the caller's descriptors: a `flock LOCK make cluster-up`
+# would otherwise stay locked by etcd and the apiserver for the cluster's whole life (bash reads this
+# script on fd 255, which stays).
+for fd in /proc/$$/fd/*; do
+  fd=${fd##*/}
+  if [ "$fd" -gt 2 ] && [ "$fd" -lt 255 ]; then eval "exec $fd>&-" 2>/dev/null || true; fi
+done
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=versions.env
 source "$here/versions.env"

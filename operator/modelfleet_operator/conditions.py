@@ -27,6 +27,7 @@ from modelfleet_operator.api import EngineStatus
 
 READY, RECONCILING, STALLED, SERVING, ENGINES_READY = "Ready", "Reconciling", "Stalled", "Serving", "EnginesReady"
 CONDITION_TYPES = (READY, RECONCILING, STALLED, SERVING, ENGINES_READY)
+CAPACITY_REASONS = frozenset({"Unschedulable", "InsufficientCapacity"})  # waiting for GPUs to free
 
 
 @dataclass(frozen=True)
@@ -52,12 +53,27 @@ class Architecture:
 
 
 @dataclass(frozen=True)
+class Capacity:
+    """Replicas wanted in all, placed (what the free GPUs hold now), and what the fleet could ever hold."""
+
+    desired: int
+    placed: int
+    ever: int
+    resource: str
+    full: Sequence[str]  # architectures with no room for another replica
+
+
+@dataclass(frozen=True)
 class Facts:
     """Everything the conditions depend on."""
 
     generation: int
     architectures: Sequence[Architecture]
     missing_pinned: Sequence[str]
+    missing_claims: Sequence[str] = ()  # "PersistentVolumeClaim x (the engine store) not found in namespace y"
+    unschedulable: Sequence[str] = ()  # "insufficient nvidia.com/gpu on sm90 (build pod ...)"
+    capacity: Capacity | None = None  # None: GPUs do not limit this model
+    was_ready: bool = False  # Ready was True for this same generation
 
 
 def _annotation(dep: Mapping[str, Any], name: str) -> str:
@@ -115,6 +131,8 @@ def _serving_summary(archs: Sequence[Architecture], key_of: Mapping[str, str]) -
 
 
 def stalled(facts: Facts) -> Verdict:
+    if facts.missing_claims:
+        return Verdict(STALLED, True, "ClaimNotFound", "; ".join(facts.missing_claims))
     if not _targets(facts):
         where = ", ".join(facts.missing_pinned) or "any architecture"
         return Verdict(STALLED, True, "NoEligibleNodes", f"no eligible node for {where}")
@@ -129,12 +147,25 @@ def stalled(facts: Facts) -> Verdict:
         return Verdict(STALLED, True, reason or "BuildFailed", why)
     if facts.missing_pinned:
         return Verdict(STALLED, True, "NoEligibleNodes", f"no eligible node for {', '.join(facts.missing_pinned)}")
+    cap = facts.capacity
+    if cap is not None and cap.desired > cap.ever:
+        why = (
+            f"{cap.desired} replicas asked, but the eligible nodes can ever hold {cap.ever}"
+            f" ({cap.resource}); {cap.placed} placed"
+        )
+        return Verdict(STALLED, True, "InsufficientCapacity", why)
     return Verdict(STALLED, False, "NotStalled", "nothing blocks the current generation")
 
 
 def reconciling(facts: Facts, blocked: Verdict) -> Verdict:
     if blocked.ok:
         return Verdict(RECONCILING, False, "Stalled", "not progressing: see Stalled")
+    if facts.unschedulable:
+        return Verdict(RECONCILING, True, "Unschedulable", "; ".join(facts.unschedulable))
+    cap = facts.capacity
+    if cap is not None and cap.placed < cap.desired:
+        why = f"{cap.placed} of {cap.desired} replicas placed: no free {cap.resource} for more on {', '.join(cap.full)}"
+        return Verdict(RECONCILING, True, "InsufficientCapacity", why)
     building = _building(facts)
     if building:
         return Verdict(RECONCILING, True, "Building", f"building engines for {', '.join(sorted(building))}")
@@ -158,12 +189,26 @@ def ready(facts: Facts, blocked: Verdict, progress: Verdict) -> Verdict:
         return Verdict(READY, False, progress.reason, progress.message)
     if not wanted:
         return Verdict(READY, True, "ScaledToZero", f"generation {facts.generation}: engines built, replicas is 0")
+    keys = {a.name: a.engine.key for a in wanted if a.engine is not None}
+    serves = f"generation {facts.generation} serves on"
+    if not_live and _only_scaling(facts, wanted):
+        # A scale-up that adds an architecture is not a rollout: the generation went live and still is.
+        on = [a for a in wanted if live(a, facts.generation)]
+        return Verdict(
+            READY, True, "Serving", f"{serves} {_serving_summary(on, keys)}; scaling onto {', '.join(not_live)}"
+        )
     if not_live:
         return Verdict(
             READY, False, "RollingOut", f"generation {facts.generation} is not live yet on {', '.join(not_live)}"
         )
-    keys = {a.name: a.engine.key for a in wanted if a.engine is not None}
-    return Verdict(READY, True, "Serving", f"generation {facts.generation} serves on {_serving_summary(wanted, keys)}")
+    return Verdict(READY, True, "Serving", f"{serves} {_serving_summary(wanted, keys)}")
+
+
+def _only_scaling(facts: Facts, wanted: Sequence[Architecture]) -> bool:
+    """Was this generation live already, and is every architecture not live yet free of older versions?"""
+    if not facts.was_ready or not any(live(a, facts.generation) for a in wanted):
+        return False
+    return all(live(a, facts.generation) or a.deployment is None or runs_current(a, facts.generation) for a in wanted)
 
 
 def serving(facts: Facts) -> Verdict:

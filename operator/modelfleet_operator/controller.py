@@ -12,6 +12,7 @@ from typing import Any, Protocol
 from modelfleet_operator.api import AutoscalingSpec, InferenceModel, InvalidInferenceModelError, parse_inference_model
 from modelfleet_operator.autoscaler.algorithm import AutoscalerConfig
 from modelfleet_operator.autoscaler.controller import Autoscaler, ServingPod
+from modelfleet_operator.conditions import CAPACITY_REASONS
 from modelfleet_operator.k8s import ApiError, Kube, NamespaceTerminating, contains
 from modelfleet_operator.placement import NodeInfo
 from modelfleet_operator.reconcile import Observed, jobs_awaiting_results, parse_termination_message, plan
@@ -19,6 +20,7 @@ from modelfleet_operator.settings import OperatorSettings
 
 log = logging.getLogger(__name__)
 Key = tuple[str, str]  # (namespace, name)
+ALL = "all"  # the one key of indices over the whole cluster (GPU pods)
 
 
 class Index(Protocol):
@@ -59,6 +61,9 @@ class Controller:
         self.deployments: Index | None = None
         self.services: Index | None = None
         self.pods: Index | None = None
+        self.model_pods: Index | None = None
+        self.gpu_pods: Index | None = None
+        self.claims: Index | None = None
         self._queue: asyncio.Queue[Key] = asyncio.Queue()
         self._queued: set[Key] = set()
         self._busy: set[Key] = set()
@@ -82,6 +87,18 @@ class Controller:
         elif key not in self._queued:
             self._queued.add(key)
             self._queue.put_nowait(key)
+
+    def enqueue_namespace(self, namespace: str) -> None:
+        for key in list(self.models.keys() if self.models is not None else ()):
+            if key[0] == namespace:
+                self.enqueue(key)
+
+    def capacity_freed(self) -> None:
+        """Re-plan the models that wait for GPUs (their status says so), now that some are free."""
+        for key in list(self.models.keys() if self.models is not None else ()):
+            conditions = ((_first(self.models, key) or {}).get("status") or {}).get("conditions") or []
+            if any(c.get("reason") in CAPACITY_REASONS and c.get("status") == "True" for c in conditions):
+                self.enqueue(key)
 
     def enqueue_all(self) -> None:
         for key in list(self.models.keys() if self.models is not None else ()):
@@ -226,6 +243,9 @@ class Controller:
             results[job] = parse_termination_message(message)
         nodes = [n for store in (self.nodes.values() if self.nodes is not None else ()) for n in store]
         observed = Observed(
+            gpu_pods=list(self.gpu_pods.get(ALL, ()) if self.gpu_pods is not None else ()),
+            pods=list(self.model_pods.get(key, ()) if self.model_pods is not None else ()),
+            claims=None if self.claims is None else dict(self.claims.get(namespace, ())),
             nodes=nodes,
             jobs=list(jobs.values()),
             deployments=list(deployments.values()),

@@ -9,9 +9,10 @@ from typing import Any
 import kopf
 
 from modelfleet_operator.api import GROUP, PLURAL, VERSION
-from modelfleet_operator.controller import Controller
+from modelfleet_operator.capacity import OwnPod, finished, gpu_pod, pod_gpus, unschedulable_message
+from modelfleet_operator.controller import ALL, Controller
 from modelfleet_operator.placement import NodeInfo
-from modelfleet_operator.resources import LABEL_COMPONENT, LABEL_MODEL, SERVING
+from modelfleet_operator.resources import BUILD, LABEL_ARCH, LABEL_COMPONENT, LABEL_MODEL, SERVING
 
 OWNED = {LABEL_MODEL: kopf.PRESENT}
 
@@ -78,6 +79,21 @@ def register(registry: kopf.OperatorRegistry, controller: Controller) -> None:
     def services(namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Any, Any]:
         return {(namespace, labels[LABEL_MODEL]): dict(body)}
 
+    @kopf.index("", "v1", "pods", labels=OWNED, registry=registry, id="model_pods")
+    def model_pods(name: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+        return (
+            {(body.metadata.namespace, labels[LABEL_MODEL]): own_pod(name, labels, body)} if not finished(body) else {}
+        )
+
+    @kopf.index("", "v1", "pods", registry=registry, id="gpu_pods")
+    def gpu_pods(labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+        held = gpu_pod(body, build=LABEL_MODEL in labels and labels.get(LABEL_COMPONENT) == BUILD)
+        return {ALL: held} if held is not None else {}
+
+    @kopf.index("", "v1", "persistentvolumeclaims", registry=registry, id="claims")
+    def claims(namespace: str | None, name: str, status: kopf.Status, **_: Any) -> dict[Any, Any]:
+        return {namespace: (name, status.get("phase") or "Pending")}
+
     @kopf.index("", "v1", "pods", labels={**OWNED, LABEL_COMPONENT: SERVING}, registry=registry, id="pods")
     def pods(
         namespace: str | None, name: str, labels: kopf.Labels, meta: kopf.Meta, status: kopf.Status, **_: Any
@@ -94,6 +110,9 @@ def register(registry: kopf.OperatorRegistry, controller: Controller) -> None:
             deployments=kwargs["deployments"],
             services=kwargs["services"],
             pods=kwargs["pods"],
+            model_pods=kwargs["model_pods"],
+            gpu_pods=kwargs["gpu_pods"],
+            claims=kwargs["claims"],
         )
 
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
@@ -102,8 +121,11 @@ def register(registry: kopf.OperatorRegistry, controller: Controller) -> None:
         if type != "DELETED" and namespace:
             controller.enqueue((namespace, name))
 
+    # Every kind the operator owns is watched, so a deleted or edited child is repaired within seconds.
     @kopf.on.event("batch", "v1", "jobs", labels=OWNED, registry=registry)
     @kopf.on.event("apps", "v1", "deployments", labels={**OWNED, LABEL_COMPONENT: SERVING}, registry=registry)
+    @kopf.on.event("", "v1", "services", labels=OWNED, registry=registry)
+    @kopf.on.event("", "v1", "pods", labels=OWNED, registry=registry)
     async def child_event(namespace: str | None, labels: kopf.Labels, **kwargs: Any) -> None:
         bind(kwargs)
         if namespace:
@@ -113,3 +135,26 @@ def register(registry: kopf.OperatorRegistry, controller: Controller) -> None:
     async def node_event(body: kopf.Body, name: str, type: str, **kwargs: Any) -> None:
         bind(kwargs)
         controller.node_changed(None if type == "DELETED" else NodeInfo.from_node(body), name)
+
+    @kopf.on.event("", "v1", "persistentvolumeclaims", registry=registry)
+    async def claim_event(namespace: str | None, **kwargs: Any) -> None:
+        bind(kwargs)
+        if namespace:
+            controller.enqueue_namespace(namespace)
+
+    @kopf.on.event("", "v1", "pods", registry=registry)
+    async def gpu_pod_event(body: kopf.Body, type: str, **kwargs: Any) -> None:
+        """A GPU freed anywhere may let a model that waits for capacity grow."""
+        if pod_gpus(body) and (type == "DELETED" or finished(body)):
+            bind(kwargs)
+            controller.capacity_freed()
+
+
+def own_pod(name: str, labels: kopf.Labels, body: kopf.Body) -> OwnPod:
+    return OwnPod(
+        name=name,
+        component=labels.get(LABEL_COMPONENT, ""),
+        architecture=labels.get(LABEL_ARCH, ""),
+        node=str(body.spec.get("nodeName") or ""),
+        unschedulable=unschedulable_message(body),
+    )

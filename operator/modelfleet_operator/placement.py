@@ -63,20 +63,31 @@ class NodeInfo:
     labels: Mapping[str, str] = field(default_factory=dict)
     taints: Sequence[Mapping[str, str]] = ()
     gpus: int = 0
+    allocatable: int | None = None  # GPUs pods may request (capacity minus what the kubelet keeps); None: all
+
+    @property
+    def allocatable_gpus(self) -> int:
+        return self.gpus if self.allocatable is None else self.allocatable
 
     @classmethod
     def from_node(cls, node: Mapping[str, Any]) -> NodeInfo:
         meta, spec, status = node.get("metadata", {}), node.get("spec") or {}, node.get("status") or {}
         capacity = status.get("capacity") or {}
-        try:
-            gpus = int(capacity.get(GPU_RESOURCE, 0))
-        except (TypeError, ValueError):
-            gpus = 0
+        gpus = _count(capacity.get(GPU_RESOURCE, 0))
+        allocatable = _count((status.get("allocatable") or {}).get(GPU_RESOURCE, gpus))
         taints = tuple(
             {k: str(v) for k, v in t.items() if k in {"key", "value", "effect"} and v is not None}
             for t in spec.get("taints") or ()
         )
-        return cls(name=meta["name"], labels=dict(meta.get("labels") or {}), taints=taints, gpus=gpus)
+        labels = dict(meta.get("labels") or {})
+        return cls(name=meta["name"], labels=labels, taints=taints, gpus=gpus, allocatable=allocatable)
+
+
+def _count(value: Any) -> int:
+    try:
+        return int(str(value))
+    except (TypeError, ValueError):
+        return 0
 
 
 def node_architecture(labels: Mapping[str, str]) -> str | None:

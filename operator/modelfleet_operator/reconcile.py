@@ -17,12 +17,14 @@ from typing import Any
 
 from modelfleet_operator.api import Condition, EngineAccuracy, EngineStatus, InferenceModel
 from modelfleet_operator.autoscaler.algorithm import ArchitectureShare, split_across_architectures
-from modelfleet_operator.conditions import READY, SERVING, STALLED, Architecture, Facts, decide
+from modelfleet_operator.capacity import GpuPod, OwnPod, Room, room, unschedulable_reasons
+from modelfleet_operator.conditions import READY, SERVING, STALLED, Architecture, Capacity, Facts, decide
 from modelfleet_operator.placement import NodeInfo, discover
 from modelfleet_operator.resources import (
     ANNOTATION_BUILD_ID,
     ANNOTATION_ENGINE_KEY,
     ANNOTATION_MODEL_GENERATION,
+    ANNOTATION_TEMPLATE_HASH,
     LABEL_ARCH,
     build_deployment,
     build_identity,
@@ -30,8 +32,12 @@ from modelfleet_operator.resources import (
     build_service,
     deployment_name,
     job_name,
+    needed_claims,
     resolved_backend,
     serving_selector,
+)
+from modelfleet_operator.resources import (
+    SERVING as SERVING_COMPONENT,
 )
 from modelfleet_operator.settings import OperatorSettings
 
@@ -48,6 +54,11 @@ class Observed:
     # The autoscaler's latest decision this process made: replicas in all, and status.autoscaler.
     autoscaled_replicas: int | None = None
     autoscaler_status: Mapping[str, Any] | None = None
+    # Capacity: every pod holding or asking for GPUs (cluster-wide) and this model's own pods.
+    gpu_pods: Sequence[GpuPod] = ()
+    pods: Sequence[OwnPod] = ()
+    # The claims of the model's namespace by name, with their phase; None: not known, nothing is judged.
+    claims: Mapping[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -182,6 +193,18 @@ def _engine_key_of(deployment: Mapping[str, Any]) -> str:
     return str((deployment["metadata"].get("annotations") or {}).get(ANNOTATION_ENGINE_KEY, ""))
 
 
+def _as_applied(observed: Mapping[str, Any] | None, desired: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+    """The observed Deployment once this pass's apply lands, when that apply rolls no pod (same template):
+    its replicas and generation annotation change, its pods and their status do not."""
+    if observed is None or desired is None:
+        return observed
+    old, new = (dict(d["metadata"].get("annotations") or {}) for d in (observed, desired))
+    if not old.get(ANNOTATION_TEMPLATE_HASH) or old.get(ANNOTATION_TEMPLATE_HASH) != new.get(ANNOTATION_TEMPLATE_HASH):
+        return observed
+    annotations = {**old, ANNOTATION_MODEL_GENERATION: new.get(ANNOTATION_MODEL_GENERATION, "")}
+    return {**observed, "metadata": {**observed["metadata"], "annotations": annotations}}
+
+
 def _rolled_out(deployment: Mapping[str, Any], *, replicas: int | None = None) -> bool:
     spec, status = deployment.get("spec") or {}, deployment.get("status") or {}
     want = int(spec.get("replicas", 1) if replicas is None else replicas)
@@ -234,19 +257,79 @@ def desired_total(im: InferenceModel, observed: Observed) -> int:
     return max(auto.min_replicas, min(auto.max_replicas, total))
 
 
+def _missing_claims(im: InferenceModel, observed: Observed, settings: OperatorSettings) -> list[str]:
+    """Claims the model's pods mount that do not exist (or lost their volume), in a condition's words."""
+    if observed.claims is None:
+        return []
+    namespace, out = im.metadata["namespace"], []
+    for claim, what in needed_claims(im, settings).items():
+        phase = observed.claims.get(claim)
+        if phase is None:
+            out.append(f"PersistentVolumeClaim {claim} ({what}) not found in namespace {namespace}")
+        elif phase == "Lost":
+            out.append(f"PersistentVolumeClaim {claim} ({what}) lost its volume")
+    return out
+
+
+def _rooms(
+    im: InferenceModel, observed: Observed, targets: Mapping[str, list[str]], settings: OperatorSettings
+) -> dict[str, Room | None]:
+    own: dict[str, int] = {}
+    for p in observed.pods:
+        if p.component == SERVING_COMPONENT and p.node:
+            own[p.architecture] = own.get(p.architecture, 0) + 1
+    gpus = im.spec.serving.resources.gpu
+    preempt = bool(settings.serving_priority_class)
+    return room(targets, observed.nodes, observed.gpu_pods, gpus=gpus, own=own, preempt_builds=preempt)
+
+
+def _split(total: int, nodes: Mapping[str, int], rooms: Mapping[str, Room | None]) -> dict[str, int]:
+    """Replicas per serving architecture, none beyond what it has room for; one pod even when all are full,
+    so the scheduler places it as soon as a GPU frees (and says why it cannot until then)."""
+    caps = {a: (r.now if r is not None else None) for a, r in rooms.items() if a in nodes}
+    shares = split_across_architectures(
+        total, [ArchitectureShare(name=a, nodes=n, max_replicas=caps[a]) for a, n in sorted(nodes.items())]
+    )
+    if total > 0 and not sum(shares.values()):
+        shares = split_across_architectures(1, [ArchitectureShare(name=a, nodes=n) for a, n in sorted(nodes.items())])
+    return shares
+
+
+def _capacity(
+    im: InferenceModel, total: int, shares: Mapping[str, int], rooms: Mapping[str, Room | None]
+) -> Capacity | None:
+    """Wanted, placed (on the architectures that serve) and what every target architecture could ever hold."""
+    known = {a: r for a, r in rooms.items() if r is not None}
+    serving = {a: r for a, r in known.items() if a in shares}
+    if not serving:
+        return None
+    gpus = im.spec.serving.resources.gpu
+    resource = f"{gpus} nvidia.com/gpu per replica" if gpus > 1 else "nvidia.com/gpu"
+    full = sorted(a for a, r in serving.items() if shares[a] >= r.now)
+    placed = min(total, sum(min(shares[a], r.now) for a, r in serving.items()))
+    return Capacity(
+        desired=total, placed=placed, ever=sum(r.ever for r in known.values()), resource=resource, full=full
+    )
+
+
 def plan(im: InferenceModel, observed: Observed, *, settings: OperatorSettings, now: datetime) -> Plan:
     """Everything to apply, delete, record and announce for one InferenceModel."""
     name, generation = im.metadata["name"], int(im.metadata.get("generation", 0))
     out = Plan()
     targets, missing_pinned = target_architectures(im, observed.nodes)
 
+    missing_claims = _missing_claims(im, observed, settings)
     engines: dict[str, EngineStatus] = {}
     current_jobs: set[str] = set()
     for arch in targets:
         build_id, exact = build_identity(im, arch, settings)
         engine, needs_job = _engine(im, arch, build_id, exact, observed)
+        jname = job_name(name, arch, build_id)
+        current_jobs.add(jname)
+        if needs_job and missing_claims and not any(j["metadata"]["name"] == jname for j in observed.jobs):
+            # A build pod would wait for the claim until the Job's deadline: create it once the claim exists.
+            engine, needs_job = engine.model_copy(update={"message": "waiting for its claims"}), False
         engines[arch] = engine
-        current_jobs.add(job_name(name, arch, build_id))
         if needs_job:
             out.apply.append(build_job(im, arch=arch, build_id=build_id, settings=settings))
 
@@ -261,9 +344,8 @@ def plan(im: InferenceModel, observed: Observed, *, settings: OperatorSettings, 
             serving[arch] = _engine_key_of(existing)
             kept.add(arch)
     total = desired_total(im, observed)
-    shares = split_across_architectures(
-        total, [ArchitectureShare(name=a, nodes=len(targets[a])) for a in sorted(serving)]
-    )
+    rooms = _rooms(im, observed, targets, settings)
+    shares = _split(total, {a: len(targets[a]) for a in serving}, rooms)
     for arch, key in sorted(serving.items()):
         if arch not in kept:
             out.apply.append(build_deployment(im, arch=arch, engine_key_=key, replicas=shares[arch], settings=settings))
@@ -301,9 +383,12 @@ def plan(im: InferenceModel, observed: Observed, *, settings: OperatorSettings, 
         observed,
         targets=targets,
         missing_pinned=missing_pinned,
+        missing_claims=missing_claims,
+        capacity=_capacity(im, total, shares, rooms),
         engines=engines,
         serving=serving,
         shares=shares,
+        applying={_arch_of(o): o for o in out.apply if o["kind"] == "Deployment"},
         generation=generation,
         now=now,
     )
@@ -318,9 +403,12 @@ def _status(
     *,
     targets: Mapping[str, list[str]],
     missing_pinned: list[str],
+    missing_claims: list[str],
+    capacity: Capacity | None,
     engines: Mapping[str, EngineStatus],
     serving: Mapping[str, str],
     shares: Mapping[str, int],
+    applying: Mapping[str, Mapping[str, Any]],
     generation: int,
     now: datetime,
 ) -> dict[str, Any]:
@@ -337,13 +425,17 @@ def _status(
                 name=arch,
                 engine=engines.get(arch),
                 replicas=int(shares.get(arch, 0)),
-                deployment=_deployment_for(observed, deployment_name(name, arch)),
+                deployment=_as_applied(_deployment_for(observed, deployment_name(name, arch)), applying.get(arch)),
                 key_annotation=ANNOTATION_ENGINE_KEY,
                 generation_annotation=ANNOTATION_MODEL_GENERATION,
             )
             for arch in sorted(set(targets) | {_arch_of(d) for d in observed.deployments})
         ],
         missing_pinned=missing_pinned,
+        missing_claims=missing_claims,
+        unschedulable=unschedulable_reasons(observed.pods),
+        capacity=capacity,
+        was_ready=READY in previous and previous[READY].status == "True",
     )
     conditions = [_condition(previous, v.type, v.ok, v.reason, v.message, generation, now) for v in decide(facts)]
 

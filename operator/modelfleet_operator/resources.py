@@ -31,6 +31,8 @@ ANNOTATION_BUILD_ID = f"{GROUP}/build-id"
 # On a serving Deployment (not its pod template, so it rolls nothing): the InferenceModel generation that last
 # wrote it. Ready needs it to equal metadata.generation, so a spec change reads not-Ready until applied.
 ANNOTATION_MODEL_GENERATION = f"{GROUP}/model-generation"
+# Of the pod template the operator last applied: equal means a change of generation rolls no pod.
+ANNOTATION_TEMPLATE_HASH = f"{GROUP}/template-hash"
 ANNOTATION_MODEL_URI = f"{GROUP}/model-uri"
 ANNOTATION_PRECISION = f"{GROUP}/precision"
 ANNOTATION_REBUILD = f"{GROUP}/rebuild"
@@ -235,6 +237,21 @@ CONTAINER_SECURITY: Mapping[str, Any] = {
 }
 
 
+def model_claims(im: InferenceModel) -> list[str]:
+    """The PersistentVolumeClaims a build reads the model (and its calibration data) from: pvc:// URIs."""
+    uris = [im.spec.model.uri] + ([im.spec.engine.calibration.uri] if im.spec.engine.calibration else [])
+    return sorted({urlparse(u).netloc for u in uris if urlparse(u).scheme == "pvc"})
+
+
+def needed_claims(im: InferenceModel, settings: OperatorSettings) -> dict[str, str]:
+    """Every claim a build or serving pod mounts, with what it is for (the words a condition uses)."""
+    return {settings.engine_store_claim: "the engine store", **{c: "the model" for c in model_claims(im)}}
+
+
+def _priority(class_name: str) -> dict[str, str]:
+    return {"priorityClassName": class_name} if class_name else {}
+
+
 def _volumes(
     im: InferenceModel, settings: OperatorSettings, *, read_only_store: bool, with_models: bool
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -250,9 +267,7 @@ def _volumes(
         {"name": "scratch", "mountPath": SCRATCH_PATH},
     ]
     if with_models:
-        uris = [im.spec.model.uri] + ([im.spec.engine.calibration.uri] if im.spec.engine.calibration else [])
-        claims = sorted({urlparse(u).netloc for u in uris if urlparse(u).scheme == "pvc"})
-        for i, claim in enumerate(claims):
+        for i, claim in enumerate(model_claims(im)):
             volumes.append({"name": f"models-{i}", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
             mounts.append({"name": f"models-{i}", "mountPath": f"{settings.models_path}/{claim}", "readOnly": True})
     return volumes, mounts
@@ -285,6 +300,7 @@ def build_job(im: InferenceModel, *, arch: str, build_id: str, settings: Operato
         resources["limits"][GPU_RESOURCE] = str(gpus)
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
+        **_priority(settings.build_priority_class),
         "automountServiceAccountToken": False,
         "securityContext": _pod_security(),
         "tolerations": tolerations_for(spec.serving.placement, gpus=gpus),
@@ -419,7 +435,7 @@ def build_deployment(
         # Endpoints drop the pod while it sleeps; then SIGTERM makes the runtime drain what it accepted.
         "lifecycle": {"preStop": {"sleep": {"seconds": settings.drain_seconds}}},
     }
-    return {
+    deployment: dict[str, Any] = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": {
@@ -448,6 +464,7 @@ def build_deployment(
                     },
                 },
                 "spec": {
+                    **_priority(settings.serving_priority_class),
                     "automountServiceAccountToken": False,
                     "enableServiceLinks": False,
                     "securityContext": _pod_security(),
@@ -461,6 +478,11 @@ def build_deployment(
             },
         },
     }
+    annotations = deployment["metadata"]["annotations"]
+    annotations[ANNOTATION_TEMPLATE_HASH] = hashlib.sha256(
+        json.dumps(deployment["spec"]["template"], sort_keys=True).encode()
+    ).hexdigest()[:16]
+    return deployment
 
 
 def build_service(im: InferenceModel) -> dict[str, Any]:

@@ -35,6 +35,12 @@ class OperatorSettings(BaseSettings):
     )
     build_cpu: str = Field("4", description="CPU request of a build pod.")
     build_memory: str = Field("16Gi", description="Memory request and limit of a build pod.")
+    serving_priority_class: str = Field(
+        "", description="PriorityClass of serving pods (the chart's is above builds'); empty: the cluster default."
+    )
+    build_priority_class: str = Field(
+        "", description="PriorityClass of build pods: below serving, so a build never keeps a replica off a GPU."
+    )
     drain_seconds: int = Field(
         10, ge=0, description="preStop sleep of serving pods, so endpoints drop them before SIGTERM arrives."
     )

@@ -170,6 +170,9 @@ class OperatorProcess:
             "KUBECONFIG": str(self.kubeconfig),
             "MODELFLEET_OPERATOR_RUNTIME_IMAGE": "ghcr.io/modelfleet/modelfleet-runtime:e2e",
             "MODELFLEET_OPERATOR_RESYNC_SECONDS": "30",
+            # The chart's PriorityClasses (release `modelfleet`), as its Deployment sets them.
+            "MODELFLEET_OPERATOR_SERVING_PRIORITY_CLASS": "modelfleet-serving",
+            "MODELFLEET_OPERATOR_BUILD_PRIORITY_CLASS": "modelfleet-build",
         }
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(

@@ -175,14 +175,16 @@ def test_a_precision_change_builds_first_and_rolls_only_when_engines_are_ready(
         lambda: (n := {j["metadata"]["name"] for j in jobs(cluster, ns)} - before_jobs) and len(n) == 4 and n,
     )
     status = wait_for(
-        "Reconciling=Building",
+        "Reconciling=Unschedulable (the builds wait for cordoned nodes)",
         lambda: (
             (s := model_status(cluster, ns))
-            and condition(s, "Reconciling").get("reason") == "Building"
+            and condition(s, "Reconciling").get("reason") == "Unschedulable"
             and s["observedGeneration"] == 2
             and s
         ),
     )
+    assert condition(status, "Reconciling")["status"] == "True"
+    assert "were unschedulable" in condition(status, "Reconciling")["message"]
     # The builds cannot finish (GPU nodes cordoned): the serving Deployments must be exactly as they were.
     assert engine_keys(cluster, ns) == before_keys
     assert {a: d["metadata"]["generation"] for a, d in deployments(cluster, ns).items()} == before_generations

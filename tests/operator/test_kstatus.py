@@ -20,6 +20,7 @@ import pytest
 
 from modelfleet_operator import crdgen
 from modelfleet_operator.api import InferenceModel
+from modelfleet_operator.capacity import OwnPod
 from modelfleet_operator.placement import NodeInfo
 from modelfleet_operator.reconcile import Observed, plan
 from tests.operator.test_reconcile import (
@@ -101,6 +102,15 @@ def lifecycle() -> Iterator[tuple[str, dict[str, Any]]]:
     nowhere = plan(fresh, Observed(nodes=[NodeInfo(name="cpu-0", labels={})]), settings=SETTINGS, now=NOW)
     yield "no eligible node", body(fresh, nowhere.status)
 
+    waiting = [OwnPod("clf-sm90-build", "build", "sm90", "", "0/5 nodes are available: 1 Insufficient nvidia.com/gpu.")]
+    no_gpu = plan(fresh, Observed(nodes=FLEET, jobs=kinds(building, "Job"), pods=waiting), settings=SETTINGS, now=NOW)
+    yield "a build waits for a free GPU", body(fresh, no_gpu.status)
+    huge, huge_jobs, _ = serve(model(replicas=1000))
+    too_many = plan(huge, Observed(nodes=FLEET, jobs=huge_jobs), settings=SETTINGS, now=NOW)
+    yield "more replicas than the fleet can hold", body(huge, too_many.status)
+    no_claim = plan(fresh, Observed(nodes=FLEET, claims={"models": "Bound"}), settings=SETTINGS, now=NOW)
+    yield "engine store claim missing", body(fresh, no_claim.status)
+
     yield "deleting", body(served, old_status, deletionTimestamp="2026-11-21T10:00:00Z")
 
 
@@ -114,6 +124,9 @@ EXPECTED = {
     "new version's build failed, old serving": ("Failed", "Degraded"),
     "unfixable model, never served": ("Failed", "Degraded"),
     "no eligible node": ("Failed", "Degraded"),
+    "a build waits for a free GPU": ("InProgress", "Progressing"),
+    "more replicas than the fleet can hold": ("Failed", "Degraded"),
+    "engine store claim missing": ("Failed", "Degraded"),
     "deleting": ("Terminating", "Progressing"),
 }
 STATES = dict(lifecycle())

@@ -34,3 +34,12 @@ helm.sh/chart: {{ include "modelfleet.chart" . }}
 {{- define "modelfleet.image" -}}
 {{- printf "%s:%s" .image.repository (default .appVersion .image.tag) -}}
 {{- end -}}
+
+{{/* PriorityClass names of serving and build pods: given ones, else the chart's own when it makes them. */}}
+{{- define "modelfleet.servingPriorityClass" -}}
+{{- .Values.priorityClasses.serving.name | default (ternary (printf "%s-serving" (include "modelfleet.fullname" .)) "" .Values.priorityClasses.create) -}}
+{{- end -}}
+
+{{- define "modelfleet.buildPriorityClass" -}}
+{{- .Values.priorityClasses.build.name | default (ternary (printf "%s-build" (include "modelfleet.fullname" .)) "" .Values.priorityClasses.create) -}}
+{{- end -}}
