@@ -34,3 +34,8 @@ helm.sh/chart: {{ include "modelfleet.chart" . }}
 {{- define "modelfleet.image" -}}
 {{- printf "%s:%s" .image.repository (default .appVersion .image.tag) -}}
 {{- end -}}
+
+{{/* The Lease the operator's replicas elect their leader on, in the release's namespace. */}}
+{{- define "modelfleet.leaseName" -}}
+{{- printf "%s-operator" (include "modelfleet.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
