@@ -174,3 +174,35 @@ class Kube:
             self._resource("v1", "Event").create(body=event, namespace=meta["namespace"])
         except ApiException as exc:  # an event lost is not worth failing a reconcile for
             log.warning("could not record event %s on %s: %s", reason, meta["name"], exc.reason)
+
+    def get_lease(self, *, namespace: str, name: str, timeout: float) -> dict[str, Any] | None:
+        """The coordination.k8s.io/v1 Lease as JSON, or None when there is none."""
+        self.requests["get Lease"] += 1
+        try:
+            lease = self._resource("coordination.k8s.io/v1", "Lease").get(
+                name=name, namespace=namespace, _request_timeout=timeout
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise _translate(exc) from None
+        return dict(lease.to_dict())
+
+    def write_lease(
+        self, *, namespace: str, name: str, spec: Mapping[str, Any], resource_version: str | None, timeout: float
+    ) -> dict[str, Any]:
+        """Create the Lease (no resource_version) or replace it only if unchanged since it was read (409 if not)."""
+        self.requests["create Lease" if resource_version is None else "update Lease"] += 1
+        metadata: dict[str, Any] = {"name": name, "namespace": namespace}
+        if resource_version is not None:
+            metadata["resourceVersion"] = resource_version
+        body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": metadata, "spec": dict(spec)}
+        resource = self._resource("coordination.k8s.io/v1", "Lease")
+        try:
+            if resource_version is None:
+                lease = resource.create(body=body, namespace=namespace, _request_timeout=timeout)
+            else:
+                lease = resource.replace(body=body, name=name, namespace=namespace, _request_timeout=timeout)
+        except ApiException as exc:
+            raise _translate(exc) from None
+        return dict(lease.to_dict())

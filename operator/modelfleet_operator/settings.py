@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Self
+
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -50,3 +52,28 @@ class OperatorSettings(BaseSettings):
     namespaces: list[str] = Field(default_factory=list, description="Namespaces to watch; empty watches the cluster.")
     resync_seconds: float = Field(300, gt=0, description="Every InferenceModel is reconciled at least this often.")
     autoscale_interval_seconds: float = Field(15, gt=0, description="How often the autoscaler decides.")
+    leader_election_lease_name: str = Field(
+        "modelfleet-operator", description="The coordination.k8s.io/v1 Lease the replicas elect a leader on."
+    )
+    leader_election_namespace: str = Field(
+        "modelfleet-system",
+        description="Namespace of the Lease when neither POD_NAMESPACE nor the service account's namespace says.",
+    )
+    leader_election_lease_duration_seconds: int = Field(
+        15, ge=1, description="A standby takes over a Lease nobody renewed for this long (as it observed it)."
+    )
+    leader_election_renew_deadline_seconds: float = Field(
+        10, gt=0, description="The leader exits when it could not renew its Lease for this long."
+    )
+    leader_election_retry_period_seconds: float = Field(
+        2, gt=0, description="How often the leader renews and a standby tries to acquire."
+    )
+
+    @model_validator(mode="after")
+    def _leader_election_timing(self) -> Self:
+        # client-go's rules: the leader gives up before a standby may take over, after a few tries.
+        if not self.leader_election_lease_duration_seconds > self.leader_election_renew_deadline_seconds:
+            raise ValueError("leader_election_lease_duration_seconds must exceed the renew deadline")
+        if not self.leader_election_renew_deadline_seconds > 1.2 * self.leader_election_retry_period_seconds:
+            raise ValueError("leader_election_renew_deadline_seconds must exceed 1.2 x the retry period")
+        return self

@@ -156,8 +156,8 @@ def model_namespace(cluster: Cluster, namespace: str) -> str:
 class OperatorProcess:
     """`modelfleet operator` as a local process, authenticated as the Helm chart's ServiceAccount."""
 
-    def __init__(self, cluster: Cluster, kubeconfig: Path, log_path: Path) -> None:
-        self.cluster, self.kubeconfig, self.log_path = cluster, kubeconfig, log_path
+    def __init__(self, cluster: Cluster, kubeconfig: Path, log_path: Path, name: str = "e2e-operator") -> None:
+        self.cluster, self.kubeconfig, self.log_path, self.name = cluster, kubeconfig, log_path, name
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
 
@@ -173,6 +173,9 @@ class OperatorProcess:
             # The chart's PriorityClasses (release `modelfleet`), as its Deployment sets them.
             "MODELFLEET_OPERATOR_SERVING_PRIORITY_CLASS": "modelfleet-serving",
             "MODELFLEET_OPERATOR_BUILD_PRIORITY_CLASS": "modelfleet-build",
+            # What the chart's downward API gives its pods: the Lease lives in the chart's namespace.
+            "POD_NAME": self.name,
+            "POD_NAMESPACE": OPERATOR_NAMESPACE,
         }
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
@@ -193,6 +196,17 @@ class OperatorProcess:
             except OSError:
                 time.sleep(0.3)
         raise RuntimeError(f"the operator did not become healthy:\n{self.log_path.read_text()[-4000:]}")
+
+    def health(self) -> dict[str, Any]:
+        """/healthz: this candidate's identity and whether it holds the Lease ({} when it does not answer)."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=2) as resp:
+                return dict(json.loads(resp.read()))
+        except OSError:
+            return {}
+
+    def leading(self) -> bool:
+        return bool(self.health().get("leader"))
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -250,6 +264,8 @@ def operator(
     kubeconfig = service_account_kubeconfig(cluster, OPERATOR_NAMESPACE, helm_release, work / "kubeconfig")
     proc = OperatorProcess(cluster, kubeconfig, work / "operator.log")
     proc.start()
+    # A Lease left by an earlier session's operator that died expires first (leaseDuration, 15 s).
+    wait_for("the session operator to hold the Lease", proc.leading, timeout=120)
     yield proc
     proc.stop()
 

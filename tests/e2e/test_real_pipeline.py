@@ -61,9 +61,26 @@ def in_cluster_operator(cluster: Cluster, inferencemodel_crd: Path, real_images:
             "-n", OPERATOR_NAMESPACE, "get", "pods", "-l", "app.kubernetes.io/name=modelfleet", "-o", "json"
         ).stdout
     )["items"]
-    running = [p for p in pods if p["status"].get("phase") == "Running" and p["spec"].get("nodeName")]
-    assert [p["spec"]["nodeName"] for p in running] == [real_images.node], "the operator pod must run on the real node"
+    running = [
+        p
+        for p in pods
+        if p["status"].get("phase") == "Running"
+        and p["spec"].get("nodeName")
+        and not p["metadata"].get("deletionTimestamp")
+    ]
+    # The chart's two replicas (one leads, one stands by) both land on the one real node (anti-affinity is
+    # only preferred).
+    nodes = [p["spec"]["nodeName"] for p in running]
+    assert nodes == [real_images.node] * 2, f"both operator pods must run on the real node: {nodes}"
+    wait_for("an operator pod to hold the Lease", lambda: leader_pod(cluster), timeout=READY_SECONDS)
     return RELEASE
+
+
+def leader_pod(cluster: Cluster) -> str:
+    """The operator pod that acts: the Lease's holder is `<pod name>_<suffix>`."""
+    lease = cluster.kubectl("-n", OPERATOR_NAMESPACE, "get", "lease", f"{RELEASE}-operator", "-o", "json", check=False)
+    holder = str(json.loads(lease.stdout)["spec"].get("holderIdentity") or "") if lease.returncode == 0 else ""
+    return holder.rsplit("_", 1)[0]
 
 
 @pytest.fixture(scope="module")
@@ -277,8 +294,10 @@ def test_the_operator_pod_killed_mid_rollout_converges_without_duplicates(cluste
     before = build_id()
     apply(cluster, served, inference_model("classifier", "pvc://models/classifier.onnx", batch={"max": 24}))
     wait_for("the new build", lambda: build_id() != before, timeout=READY_SECONDS, every=0.2)
-    selector = "app.kubernetes.io/name=modelfleet"
-    cluster.kubectl("-n", OPERATOR_NAMESPACE, "delete", "pod", "-l", selector, "--force", "--grace-period=0")
+    # The leader dies (the standby waits its Lease out, then takes over); the ReplicaSet replaces the pod.
+    leader = leader_pod(cluster)
+    assert leader, "no operator pod holds the Lease"
+    cluster.kubectl("-n", OPERATOR_NAMESPACE, "delete", "pod", leader, "--force", "--grace-period=0")
 
     def converged() -> bool:
         im = get(cluster, served, "inferencemodel", "classifier")

@@ -43,3 +43,8 @@ helm.sh/chart: {{ include "modelfleet.chart" . }}
 {{- define "modelfleet.buildPriorityClass" -}}
 {{- .Values.priorityClasses.build.name | default (ternary (printf "%s-build" (include "modelfleet.fullname" .)) "" .Values.priorityClasses.create) -}}
 {{- end -}}
+
+{{/* The Lease the operator's replicas elect their leader on, in the release's namespace. */}}
+{{- define "modelfleet.leaseName" -}}
+{{- printf "%s-operator" (include "modelfleet.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
