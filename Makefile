@@ -65,7 +65,7 @@ test: lint $(STAMP) ## everything: lint, unit and end-to-end tests (two sessions
 	$(VENV)/bin/pytest -m realnode
 
 manifests: $(STAMP) ## regenerate the CRD from the pydantic models
-	$(PY) -m modelfleet_operator.crdgen --output crds/inferencemodel.yaml --output helm/modelfleet/crds/inferencemodel.yaml
+	$(PY) -m modelfleet_operator.crdgen --output crds/inferencemodel.yaml --output helm/modelfleet/files/inferencemodel.crd.yaml
 
 cluster-up: ## start the local cluster (builds its binaries once, cached in ~/.cache/modelfleet)
 	@bash hack/cluster.sh up

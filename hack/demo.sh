@@ -31,8 +31,10 @@ operator_ref=$(sed -n 's/^operator=//p' <<<"$refs"); runtime_ref=$(sed -n 's/^ru
 operator_hash=$(bash hack/images.sh hashes | sed -n 's/^operator=//p')
 
 step "3. The platform team installs modelfleet with Helm: the operator runs in the cluster, from its image"
+# The chart renders the CRD (templates/crd.yaml), so install and upgrade both apply it. --take-ownership and
+# --force-conflicts hand Helm a CRD that `kubectl apply` or an older chart (one with crds/) created first.
 show helm upgrade --install modelfleet helm/modelfleet --namespace modelfleet-system --create-namespace \
-  --values hack/local-values.yaml \
+  --take-ownership --force-conflicts --values hack/local-values.yaml \
   --set "image.repository=${operator_ref%:*},image.tag=${operator_ref##*:}" \
   --set "runtime.image.repository=${runtime_ref%:*},runtime.image.tag=${runtime_ref##*:}" \
   --set "podAnnotations.modelfleet\.io/operator-image=$operator_hash" --wait --timeout 300s

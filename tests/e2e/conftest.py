@@ -122,11 +122,20 @@ def namespace(cluster: Cluster) -> Iterator[str]:
     cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
 
 
+CRD_FILE = ROOT / "crds" / "inferencemodel.yaml"
+
+
+def apply_crd(cluster: Cluster) -> None:
+    """`kubectl apply` of the generated CRD, as a user without Helm would; the chart's CRD template (the same
+    file) later adopts it (`install_chart` passes --take-ownership and --force-conflicts)."""
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_FILE))
+
+
 @pytest.fixture(scope="session")
 def inferencemodel_crd(cluster: Cluster) -> Path:
     """The generated InferenceModel CRD, applied and Established."""
-    crd = ROOT / "crds" / "inferencemodel.yaml"
-    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crd))
+    crd = CRD_FILE
+    apply_crd(cluster)
     cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/inferencemodels.modelfleet.io")
     # Established is not yet published in discovery/OpenAPI on a fresh apiserver: `kubectl explain` and
     # clients would not find the resource for a moment.
@@ -235,10 +244,15 @@ OPERATOR_NAMESPACE = "modelfleet-system"
 RELEASE = "modelfleet"
 
 
+# The chart renders the CRD (templates/crd.yaml): the one `inferencemodel_crd` applied with kubectl, or an older
+# chart's from crds/, is taken over (Helm's ownership annotations, and server-side apply's field managers).
+ADOPT = ("--take-ownership", "--force-conflicts")
+
+
 def install_chart(cluster: Cluster, *values: str, timeout: str = "120s") -> str:
     """`helm upgrade --install` of the chart with the real helm binary; `values` are helm's own flags."""
     chart = str(ROOT / "helm" / "modelfleet")
-    flags = ["--namespace", OPERATOR_NAMESPACE, "--create-namespace", *values, "--wait", "--timeout", timeout]
+    flags = ["--namespace", OPERATOR_NAMESPACE, "--create-namespace", *ADOPT, *values, "--wait", "--timeout", timeout]
     cluster.helm("upgrade", "--install", RELEASE, chart, *flags, timeout=600)
     return RELEASE
 

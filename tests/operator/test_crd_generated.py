@@ -13,7 +13,7 @@ from modelfleet_operator import api, crdgen
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMITTED = ROOT / "crds" / "inferencemodel.yaml"
-HELM_COPY = ROOT / "helm" / "modelfleet" / "crds" / "inferencemodel.yaml"
+HELM_COPY = ROOT / "helm" / "modelfleet" / "files" / "inferencemodel.crd.yaml"  # templates/crd.yaml renders it
 
 
 def walk(node: Any, path: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
@@ -47,9 +47,12 @@ def test_committed_crd_is_up_to_date() -> None:
 
 
 def test_helm_copy_is_up_to_date() -> None:
-    if not HELM_COPY.exists():
-        pytest.skip("the chart has no CRD copy yet (make manifests writes it)")
     assert HELM_COPY.read_text(encoding="utf-8") == crdgen.render_crd(), "helm CRD copy is stale: make manifests"
+
+
+def test_the_chart_has_no_crds_folder() -> None:
+    """Helm installs crds/ once and never upgrades it: the chart renders the CRD from templates/ instead."""
+    assert not (ROOT / "helm" / "modelfleet" / "crds").exists()
 
 
 def test_main_writes_every_output(tmp_path: Path) -> None:
