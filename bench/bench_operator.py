@@ -416,7 +416,8 @@ def start_operator(kubeconfig: Path, work: Path, *, resync_seconds: float) -> tu
     }
     log_file = (work / "operator.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "modelfleet_runtime.cli", "operator", f"--liveness-port={port}"],
+        # One process, no Lease: its renewals would count among the idle writes this bench measures.
+        [sys.executable, "-m", "modelfleet_runtime.cli", "operator", f"--liveness-port={port}", "--no-leader-election"],
         env=env,
         stdout=log_file,
         stderr=subprocess.STDOUT,

@@ -165,8 +165,17 @@ def model_namespace(cluster: Cluster, namespace: str) -> str:
 class OperatorProcess:
     """`modelfleet operator` as a local process, authenticated as the Helm chart's ServiceAccount."""
 
-    def __init__(self, cluster: Cluster, kubeconfig: Path, log_path: Path, name: str = "e2e-operator") -> None:
+    def __init__(
+        self,
+        cluster: Cluster,
+        kubeconfig: Path,
+        log_path: Path,
+        name: str = "e2e-operator",
+        *,
+        lease: tuple[str, str] = ("modelfleet-system", "modelfleet-operator"),  # the session release's
+    ) -> None:
         self.cluster, self.kubeconfig, self.log_path, self.name = cluster, kubeconfig, log_path, name
+        self.lease = lease
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
 
@@ -184,7 +193,8 @@ class OperatorProcess:
             "MODELFLEET_OPERATOR_BUILD_PRIORITY_CLASS": "modelfleet-build",
             # What the chart's downward API gives its pods: the Lease lives in the chart's namespace.
             "POD_NAME": self.name,
-            "POD_NAMESPACE": OPERATOR_NAMESPACE,
+            "POD_NAMESPACE": self.lease[0],
+            "MODELFLEET_OPERATOR_LEADER_ELECTION_LEASE_NAME": self.lease[1],
         }
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(

@@ -179,7 +179,8 @@ class Release:
         kubeconfig = service_account_kubeconfig(
             self.cluster, self.namespace, SERVICE_ACCOUNT, self.work / f"kubeconfig-{uuid.uuid4().hex[:6]}"
         )
-        self.operator = OperatorProcess(self.cluster, kubeconfig, self.work / "operator.log")
+        lease = (self.namespace, f"{SERVICE_ACCOUNT}-operator")  # the Lease this release's RBAC allows
+        self.operator = OperatorProcess(self.cluster, kubeconfig, self.work / "operator.log", lease=lease)
         with pytest.MonkeyPatch.context() as env:  # only this process watches only the test's namespace
             env.setenv("MODELFLEET_OPERATOR_NAMESPACES", json.dumps([self.watch]))
             self.operator.start()
