@@ -18,7 +18,8 @@ _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message
 _KOPF_REF = "k8s_ref"
 _KOPF_FIELDS = {"k8s_ref", "k8s_skip", "settings"}
 # "Request attempt #3/9 failed; will retry: GET https://... -> ClientConnectorError(...)" (kopf's API client).
-_KOPF_RETRY = re.compile(r"^Request attempt #(\d+)(?:/\d+)? failed; (will retry|escalating)")
+# "... failed; TCP closed; will re-authenticate: ..." (its session closed, on shutdown say) is kept as it is rare.
+_KOPF_RETRY = re.compile(r"^Request attempt #(\d+)(?:/\d+)? failed; (will retry|escalating|TCP closed|SSL closed)")
 # A LogRecord's `name` is its logger's: an object's name travels as `object_name` and is written as `name`.
 _RENAMED = {"object_name": "name"}
 _LOGFMT_BARE = re.compile(r"^[A-Za-z0-9_./:@+-]+$")
@@ -77,9 +78,9 @@ class KopfRetryFilter(logging.Filter):
         match = _KOPF_RETRY.match(record.getMessage())
         if match is None:
             return True
-        attempt, escalating = int(match.group(1)), match.group(2) == "escalating"
+        attempt, retrying = int(match.group(1)), match.group(2) == "will retry"
         record.retry, record.transient = attempt, True
-        if attempt == 1 or escalating:
+        if attempt == 1 or not retrying:
             record.levelno, record.levelname = logging.WARNING, "WARNING"
             return True
         record.levelno, record.levelname = logging.DEBUG, "DEBUG"

@@ -157,5 +157,6 @@ def test_an_unreachable_api_server_gives_a_handful_of_lines_without_tracebacks(
     for f in lines[:8]:
         print(json.dumps(f)[:300])
     assert "Traceback" not in text
-    assert during and all(f.get("retry") == 1 and f.get("transient") is True for f in during)
+    assert during and all(f["level"] == "warning" and f.get("transient") is True for f in during)
+    assert not [f for f in during if "will retry" in f["msg"] and f["retry"] > 1], "later attempts are debug lines"
     assert len(lines) < 40
