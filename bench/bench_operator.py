@@ -439,10 +439,14 @@ def operator_log_summary(text: str, top: int = 8) -> dict[str, Any]:
     levels: Counter[str] = Counter()
     messages: Counter[str] = Counter()
     for line in text.splitlines():
-        parts = line.split(" ", 3)
-        if len(parts) == 4 and parts[2] in {"WARNING", "ERROR", "CRITICAL"}:
-            levels[parts[2]] += 1
-            messages[f"{parts[2]} {parts[3][:200]}"] += 1
+        try:  # the operator logs JSON lines (modelfleet_operator.logs) when its stderr is not a terminal
+            fields = json.loads(line)
+        except ValueError:
+            continue
+        level = str(fields.get("level", "")).upper() if isinstance(fields, dict) else ""
+        if level in {"WARNING", "ERROR", "CRITICAL"}:
+            levels[level] += 1
+            messages[f"{level} {fields.get('logger', '')}: {str(fields.get('msg'))[:200]}"] += 1
     return {"levels": dict(levels), "top": messages.most_common(top)}
 
 

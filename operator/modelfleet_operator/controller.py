@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -14,8 +15,11 @@ from modelfleet_operator.autoscaler.algorithm import AutoscalerConfig
 from modelfleet_operator.autoscaler.controller import Autoscaler, ServingPod
 from modelfleet_operator.conditions import CAPACITY_REASONS
 from modelfleet_operator.k8s import ApiError, Kube, NamespaceTerminating, contains
+from modelfleet_operator.logs import ObjectLogger, for_object
+from modelfleet_operator.metrics import OperatorMetrics
 from modelfleet_operator.placement import NodeInfo
-from modelfleet_operator.reconcile import Observed, jobs_awaiting_results, parse_termination_message, plan
+from modelfleet_operator.reconcile import Observed, Plan, jobs_awaiting_results, parse_termination_message, plan
+from modelfleet_operator.resources import ANNOTATION_ENGINE_KEY
 from modelfleet_operator.settings import OperatorSettings
 
 log = logging.getLogger(__name__)
@@ -75,6 +79,10 @@ class Controller:
         # The status we last wrote, with the resourceVersion it got: the watch cache may still hold an older
         # one, and deciding from that would announce the same Events twice and write the same status again.
         self._written: dict[Key, tuple[int, dict[str, Any]]] = {}
+        # Instrumentation: when each queued key was added, and how many times in a row each key failed.
+        self.metrics: OperatorMetrics = kube.metrics
+        self._added_at: dict[Key, float] = {}
+        self._failures: dict[Key, int] = {}
 
     def bind(self, **indices: Index) -> None:
         """Keep the live kopf indices (they are complete before any handler runs)."""
@@ -87,6 +95,8 @@ class Controller:
         elif key not in self._queued:
             self._queued.add(key)
             self._queue.put_nowait(key)
+            self._added_at[key] = time.monotonic()
+            self.metrics.queued(self._queue.qsize())
 
     def enqueue_namespace(self, namespace: str) -> None:
         for key in list(self.models.keys() if self.models is not None else ()):
@@ -115,6 +125,7 @@ class Controller:
         self.enqueue_all()
 
     async def start(self) -> None:
+        self.metrics.workers(self.workers)
         self._tasks = [asyncio.create_task(self._worker(), name=f"reconcile-{i}") for i in range(self.workers)]
         self._tasks.append(asyncio.create_task(self._resync(), name="resync"))
         self._tasks.append(asyncio.create_task(self._autoscale_loop(), name="autoscale"))
@@ -139,7 +150,7 @@ class Controller:
             results = await asyncio.gather(*(self._autoscale_one(k) for k in keys), return_exceptions=True)
             for key, result in zip(keys, results, strict=True):
                 if isinstance(result, Exception):  # one model's trouble must not stop the loop for the others
-                    log.error("autoscaling %s/%s failed: %r", *key, result)
+                    _model_log(key).error("autoscaling failed", extra={"error": repr(result)})
 
     async def _autoscale_one(self, key: Key) -> None:
         body = _first(self.models, key)
@@ -166,12 +177,16 @@ class Controller:
                 current_replicas=current,
             )
         except Exception:  # a broken scrape must not stop the other models' autoscaling
-            log.exception("autoscaling %s/%s failed", *key)
+            _model_log(key).exception("autoscaling failed")
             return
         self.autoscaled[key] = step.desired_replicas
         self.autoscaler_status[key] = step.status
         if step.event is not None and body is not None:
             kind, reason, message = step.event
+            _model_log(key).info(
+                "autoscaler decided",
+                extra={"reason": reason, "type": kind, "replicas": current, "desired": step.desired_replicas},
+            )
             await asyncio.to_thread(self.kube.emit_event, involved=body, type_=kind, reason=reason, message=message)
         if step.desired_replicas != current or (body or {}).get("status", {}).get("autoscaler") != step.status:
             self.enqueue(key)
@@ -204,26 +219,44 @@ class Controller:
             key = await self._queue.get()
             self._queued.discard(key)
             self._busy.add(key)
+            started = time.monotonic()
+            self.metrics.dequeued(self._queue.qsize(), started - self._added_at.pop(key, started))
+            result = "error"
             try:
                 await self.reconcile(key)
+                result = "success"
+                self._failures.pop(key, None)
             except NamespaceTerminating:
-                pass  # the namespace is going away with the model; nothing to reconcile
+                result = "success"  # the namespace is going away with the model; nothing to reconcile
             except ApiError as exc:
-                log.warning("reconcile of %s/%s failed: %s %s; retrying in 10s", *key, exc.status, exc.reason)
-                asyncio.get_running_loop().call_later(10, self.enqueue, key)
+                self._failed(key, exc)
             except Exception:  # one model's failure must not stop the others; it is retried later
-                log.exception("reconcile of %s/%s failed; retrying in 10s", *key)
-                asyncio.get_running_loop().call_later(10, self.enqueue, key)
+                _model_log(key).exception("reconcile failed; retrying in 10s", extra={"retry": self._retry(key)})
             finally:
+                self.metrics.reconciled(result, time.monotonic() - started)
                 self._busy.discard(key)
                 if key in self._again:
                     self._again.discard(key)
                     self.enqueue(key)
 
+    def _retry(self, key: Key) -> int:
+        """Count one more failure of `key` in a row, and enqueue it again in 10 s."""
+        self._failures[key] = self._failures.get(key, 0) + 1
+        self.metrics.retried()
+        asyncio.get_running_loop().call_later(10, self.enqueue, key)
+        return self._failures[key]
+
+    def _failed(self, key: Key, exc: ApiError) -> None:
+        """One line per failed reconcile, no traceback; transient errors (no answer, 429, 5xx) at warning."""
+        fields = {"code": exc.status, "error": str(exc)[:300], "transient": exc.transient, "retry": self._retry(key)}
+        level = logging.WARNING if exc.transient else logging.ERROR
+        _model_log(key).log(level, "reconcile failed; retrying in 10s", extra=fields)
+
     async def reconcile(self, key: Key) -> None:
         body = _first(self.models, key)
         if body is None or body["metadata"].get("deletionTimestamp"):
             self._written.pop(key, None)
+            self.metrics.models.set(key, None)
             return  # deleted: ownerReferences let the garbage collector remove the children
         namespace, name = key
         written = self._written.get(key)
@@ -259,9 +292,12 @@ class Controller:
             **{("Deployment", n): o for n, o in deployments.items()},
             **{("Service", n): o for n, o in services.items()},
         }
+        olog = _model_log(key)
         for obj in decided.apply:
-            if not contains(current.get((obj["kind"], obj["metadata"]["name"])), obj):
+            existing = current.get((obj["kind"], obj["metadata"]["name"]))
+            if not contains(existing, obj):
                 await asyncio.to_thread(self.kube.apply, obj)
+                _log_applied(olog, obj, existing)
         for ref in decided.delete:
             await asyncio.to_thread(
                 self.kube.delete,
@@ -270,6 +306,7 @@ class Controller:
                 namespace=namespace,
                 name=ref.name,
             )
+            olog.info("deleted", extra={"child_kind": ref.kind, "child": ref.name})
         if decided.status != (body.get("status") or {}):
             version = await asyncio.to_thread(
                 self.kube.patch_status,
@@ -278,7 +315,14 @@ class Controller:
                 status=_with_removals(body.get("status") or {}, decided.status),
             )
             self._written[key] = (_resource_version({"metadata": {"resourceVersion": version}}), decided.status)
+            self._status_changed(olog, body.get("status") or {}, decided, jobs)
+        self.metrics.models.set(key, decided.status.get("conditions") or [])
         for event in decided.events:
+            olog.log(
+                logging.WARNING if event.type == "Warning" else logging.INFO,
+                event.message,
+                extra={"reason": event.reason, "type": event.type, "event": True},
+            )
             await asyncio.to_thread(
                 self.kube.emit_event,
                 involved=body,
@@ -307,9 +351,77 @@ class Controller:
             return
         status["conditions"] = [condition] + [c for c in status.get("conditions") or [] if c.get("type") != "Ready"]
         await asyncio.to_thread(self.kube.patch_status, namespace=meta["namespace"], name=meta["name"], status=status)
+        self.metrics.models.set((meta["namespace"], meta["name"]), status["conditions"])
+        _model_log((meta["namespace"], meta["name"])).error("invalid spec", extra={"reason": "InvalidSpec"})
         await asyncio.to_thread(
             self.kube.emit_event, involved=body, type_="Warning", reason="InvalidSpec", message=message
         )
+
+    def _status_changed(
+        self, olog: ObjectLogger, old: Mapping[str, Any], decided: Plan, jobs: Mapping[str, Mapping[str, Any]]
+    ) -> None:
+        """Log each condition that changed, and count the builds that finished (their status just got written)."""
+        before = {c.get("type"): c for c in old.get("conditions") or []}
+        for c in decided.status.get("conditions") or []:
+            was = before.get(c["type"]) or {}
+            if (was.get("status"), was.get("reason")) != (c["status"], c.get("reason")):
+                olog.info(
+                    "condition changed",
+                    extra={"condition": c["type"], "status": c["status"], "reason": c.get("reason"),
+                           "from": was.get("status"), "detail": c.get("message")},
+                )  # fmt: skip
+        for arch, outcome, job in finished_builds(old, decided.status):
+            seconds = _job_seconds(jobs.get(job))
+            self.metrics.build_finished(arch, outcome, seconds)
+            fields = {"architecture": arch, "outcome": outcome, "job": job, "seconds": seconds}
+            olog.info("build finished", extra=fields)
+
+
+def _model_log(key: Key) -> ObjectLogger:
+    return for_object(log, *key)
+
+
+def _log_applied(olog: ObjectLogger, obj: Mapping[str, Any], existing: Mapping[str, Any] | None) -> None:
+    """One line per child written: created or configured; for a Deployment, the engine and replicas it moves to."""
+    fields: dict[str, Any] = {"child_kind": obj["kind"], "child": obj["metadata"]["name"]}
+    if obj["kind"] == "Deployment":
+        new_key = (obj["metadata"].get("annotations") or {}).get(ANNOTATION_ENGINE_KEY)
+        old_key = ((existing or {}).get("metadata", {}).get("annotations") or {}).get(ANNOTATION_ENGINE_KEY)
+        old_replicas = ((existing or {}).get("spec") or {}).get("replicas")
+        fields.update(engine=new_key, replicas=obj["spec"].get("replicas"))
+        if existing is not None and old_key != new_key:
+            fields.update(action="rolled", from_engine=old_key)
+        elif existing is not None and old_replicas != obj["spec"].get("replicas"):
+            fields.update(action="scaled", from_replicas=old_replicas)
+    fields.setdefault("action", "created" if existing is None else "configured")
+    message = "build started" if obj["kind"] == "Job" and existing is None else f"{obj['kind']} {fields['action']}"
+    olog.info(message, extra=fields)
+
+
+def finished_builds(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    """(architecture, succeeded | failed, job) of each engine whose build reached Ready or Failed in `new`."""
+    before = {(e.get("architecture"), e.get("buildId")): e.get("phase") for e in old.get("engines") or []}
+    out = []
+    for e in new.get("engines") or []:
+        phase = e.get("phase")
+        if phase in {"Ready", "Failed"} and before.get((e.get("architecture"), e.get("buildId"))) != phase:
+            out.append((str(e.get("architecture")), "succeeded" if phase == "Ready" else "failed", str(e.get("job"))))
+    return out
+
+
+def _job_seconds(job: Mapping[str, Any] | None) -> float | None:
+    """A finished Job's run time, startTime to completionTime (or to its Failed condition)."""
+    status = (job or {}).get("status") or {}
+    end = status.get("completionTime") or next(
+        (c.get("lastTransitionTime") for c in status.get("conditions") or [] if c.get("type") == "Failed"), None
+    )
+    if not status.get("startTime") or not end:
+        return None
+    return (_parse_time(end) - _parse_time(status["startTime"])).total_seconds()
+
+
+def _parse_time(value: Any) -> datetime:
+    return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
 
 
 def _resource_version(body: Mapping[str, Any]) -> int:

@@ -12,8 +12,8 @@ from typing import Any
 
 import kopf
 from aiohttp import web
-from prometheus_client import start_http_server
 
+from modelfleet_operator import logs, metrics
 from modelfleet_operator.autoscaler.controller import Autoscaler
 from modelfleet_operator.autoscaler.sources import PodScrapeSource
 from modelfleet_operator.controller import Controller
@@ -40,20 +40,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="act only while holding the Lease, so replicas can stand by (default); --no-leader-election acts at once",
     )
     parser.add_argument("--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "--log-format",
+        choices=["json", "text"],
+        default=None,
+        help="json lines, or text (logfmt key=value); default: text on a terminal, json otherwise",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
     settings = OperatorSettings(**({"namespaces": args.namespace} if args.namespace else {}))
     autoscaler = Autoscaler(PodScrapeSource())
-    if args.metrics_port:
-        start_http_server(args.metrics_port, registry=autoscaler.registry)
-    kube = Kube.from_environment()
+    kube = Kube.from_environment(observability(args, autoscaler))
     controller = Controller(settings, kube, autoscaler)
     registry = kopf.OperatorRegistry()
     register(registry, controller)
@@ -123,3 +123,12 @@ async def serve_health(port: int, elector: LeaderElector | None) -> web.AppRunne
     await runner.setup()
     await web.TCPSite(runner, "0.0.0.0", port).start()
     return runner
+
+
+def observability(args: argparse.Namespace, autoscaler: Autoscaler) -> metrics.OperatorMetrics:
+    """Structured logs on stderr; the operator's and the autoscaler's metrics on one /metrics (if a port is set)."""
+    logs.configure(args.log_format, verbose=args.verbose)
+    operator_metrics = metrics.OperatorMetrics()
+    if args.metrics_port:
+        metrics.serve(args.metrics_port, operator_metrics.registry, autoscaler.registry)
+    return operator_metrics

@@ -178,11 +178,10 @@ class OperatorProcess:
         self.lease = lease
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
+        self.metrics_port = 0
 
     def start(self) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port, self.metrics_port = free_port(), free_port()
         env = {
             **os.environ,
             "KUBECONFIG": str(self.kubeconfig),
@@ -198,7 +197,7 @@ class OperatorProcess:
         }
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [*MODELFLEET, "operator", f"--liveness-port={self.port}"],
+            [*MODELFLEET, "operator", f"--liveness-port={self.port}", f"--metrics-port={self.metrics_port}"],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -242,6 +241,17 @@ class OperatorProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def scrape(self) -> str:
+        """The operator's /metrics, as Prometheus reads it."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as response:
+            return str(response.read().decode())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def service_account_kubeconfig(cluster: Cluster, namespace: str, account: str, path: Path) -> Path:
