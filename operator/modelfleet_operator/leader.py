@@ -161,6 +161,7 @@ class LeaderElector:
         self.store, self.identity, self.timing = store, identity, timing
         self.leading = False
         self._observed: Observation | None = None
+        self._failures = 0  # attempts failed in a row (an outage logs its first and its end)
         self._renewed_at = 0.0
         # Its own threads: the controller's work in the default executor never delays a renew.
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="leader-election")
@@ -198,10 +199,18 @@ class LeaderElector:
 
     async def _attempt(self) -> bool:
         try:
-            return await self._try_acquire_or_renew()
+            done = await self._try_acquire_or_renew()
         except Exception as exc:  # the API server away, a timeout: try again within the deadline
-            log.warning("lease %s: %s: %s", self.lease, type(exc).__name__, exc)
+            # One line for an outage, not one per retry: the first failure, then the recovery.
+            self._failures += 1
+            level = logging.WARNING if self._failures == 1 else logging.DEBUG
+            extra = {"retry": self._failures, "transient": True}
+            log.log(level, "lease %s: %s: %s (retrying)", self.lease, type(exc).__name__, exc, extra=extra)
             return False
+        if self._failures:
+            log.info("lease %s reachable again after %d failed attempts", self.lease, self._failures)
+            self._failures = 0
+        return done
 
     async def acquire(self, stop: asyncio.Event) -> bool:
         """Wait until this candidate holds the Lease (True) or `stop` is set (False)."""
