@@ -50,6 +50,7 @@ class Architecture:
     deployment: Mapping[str, Any] | None  # its serving Deployment as observed
     key_annotation: str
     generation_annotation: str
+    since_annotation: str = ""  # the Deployment generation its template last changed at
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,14 @@ def available(a: Architecture) -> bool:
     return a.deployment is not None and _count(a.deployment, "availableReplicas") >= 1
 
 
+def _template_generation(a: Architecture) -> int:
+    """The Deployment generation its pod template last changed at: a status observed since then is about
+    this template's pods, even while a newer generation (a replicas change only) is not observed yet."""
+    dep = a.deployment or {"metadata": {}}
+    since = _annotation(dep, a.since_annotation) if a.since_annotation else ""
+    return int(since) if since.isdigit() else int(dep["metadata"].get("generation", 0))
+
+
 def runs_current(a: Architecture, generation: int) -> bool:
     """The Deployment is this generation's, observed by its controller, with no older pod left."""
     dep = a.deployment
@@ -96,7 +105,7 @@ def runs_current(a: Architecture, generation: int) -> bool:
     return (
         _annotation(dep, a.key_annotation) == a.engine.key
         and _annotation(dep, a.generation_annotation) == str(generation)
-        and _count(dep, "observedGeneration") >= int(dep["metadata"].get("generation", 0))
+        and _count(dep, "observedGeneration") >= _template_generation(a)
         and _count(dep, "updatedReplicas") == _count(dep, "replicas")
     )
 
@@ -208,7 +217,17 @@ def _only_scaling(facts: Facts, wanted: Sequence[Architecture]) -> bool:
     """Was this generation live already, and is every architecture not live yet free of older versions?"""
     if not facts.was_ready or not any(live(a, facts.generation) for a in wanted):
         return False
-    return all(live(a, facts.generation) or a.deployment is None or runs_current(a, facts.generation) for a in wanted)
+    return all(live(a, facts.generation) or _no_older_pod(a, facts.generation) for a in wanted)
+
+
+def _no_older_pod(a: Architecture, generation: int) -> bool:
+    """Nothing of an older version runs there: no Deployment, no pod yet, or only this generation's pods."""
+    dep = a.deployment
+    if dep is None or runs_current(a, generation):
+        return True
+    current = a.engine is not None and _annotation(dep, a.key_annotation) == a.engine.key
+    # Scaled up from zero: its controller may not have seen the new spec yet, but it has no pod to be old.
+    return current and _annotation(dep, a.generation_annotation) == str(generation) and _count(dep, "replicas") == 0
 
 
 def serving(facts: Facts) -> Verdict:

@@ -25,6 +25,7 @@ from modelfleet_operator.resources import (
     ANNOTATION_ENGINE_KEY,
     ANNOTATION_MODEL_GENERATION,
     ANNOTATION_TEMPLATE_HASH,
+    ANNOTATION_TEMPLATE_SINCE,
     LABEL_ARCH,
     build_deployment,
     build_identity,
@@ -193,6 +194,18 @@ def _engine_key_of(deployment: Mapping[str, Any]) -> str:
     return str((deployment["metadata"].get("annotations") or {}).get(ANNOTATION_ENGINE_KEY, ""))
 
 
+def _with_template_since(desired: dict[str, Any], observed: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Record the Deployment generation the pod template last changed at (the apply bumps it by one)."""
+    annotations = desired["metadata"]["annotations"]
+    old = dict(((observed or {}).get("metadata") or {}).get("annotations") or {})
+    generation = int(((observed or {}).get("metadata") or {}).get("generation", 0))
+    if observed is not None and old.get(ANNOTATION_TEMPLATE_HASH) == annotations[ANNOTATION_TEMPLATE_HASH]:
+        annotations[ANNOTATION_TEMPLATE_SINCE] = old.get(ANNOTATION_TEMPLATE_SINCE) or str(max(generation, 1))
+    else:
+        annotations[ANNOTATION_TEMPLATE_SINCE] = str(generation + 1)
+    return desired
+
+
 def _as_applied(observed: Mapping[str, Any] | None, desired: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
     """The observed Deployment once this pass's apply lands, when that apply rolls no pod (same template):
     its replicas and generation annotation change, its pods and their status do not."""
@@ -201,7 +214,11 @@ def _as_applied(observed: Mapping[str, Any] | None, desired: Mapping[str, Any] |
     old, new = (dict(d["metadata"].get("annotations") or {}) for d in (observed, desired))
     if not old.get(ANNOTATION_TEMPLATE_HASH) or old.get(ANNOTATION_TEMPLATE_HASH) != new.get(ANNOTATION_TEMPLATE_HASH):
         return observed
-    annotations = {**old, ANNOTATION_MODEL_GENERATION: new.get(ANNOTATION_MODEL_GENERATION, "")}
+    annotations = {
+        **old,
+        ANNOTATION_MODEL_GENERATION: new.get(ANNOTATION_MODEL_GENERATION, ""),
+        ANNOTATION_TEMPLATE_SINCE: new.get(ANNOTATION_TEMPLATE_SINCE, ""),
+    }
     return {**observed, "metadata": {**observed["metadata"], "annotations": annotations}}
 
 
@@ -348,7 +365,8 @@ def plan(im: InferenceModel, observed: Observed, *, settings: OperatorSettings, 
     shares = _split(total, {a: len(targets[a]) for a in serving}, rooms)
     for arch, key in sorted(serving.items()):
         if arch not in kept:
-            out.apply.append(build_deployment(im, arch=arch, engine_key_=key, replicas=shares[arch], settings=settings))
+            desired = build_deployment(im, arch=arch, engine_key_=key, replicas=shares[arch], settings=settings)
+            out.apply.append(_with_template_since(desired, _deployment_for(observed, deployment_name(name, arch))))
     out.apply.append(build_service(im))
 
     for dep in observed.deployments:
@@ -428,6 +446,7 @@ def _status(
                 deployment=_as_applied(_deployment_for(observed, deployment_name(name, arch)), applying.get(arch)),
                 key_annotation=ANNOTATION_ENGINE_KEY,
                 generation_annotation=ANNOTATION_MODEL_GENERATION,
+                since_annotation=ANNOTATION_TEMPLATE_SINCE,
             )
             for arch in sorted(set(targets) | {_arch_of(d) for d in observed.deployments})
         ],

@@ -33,6 +33,9 @@ ANNOTATION_BUILD_ID = f"{GROUP}/build-id"
 ANNOTATION_MODEL_GENERATION = f"{GROUP}/model-generation"
 # Of the pod template the operator last applied: equal means a change of generation rolls no pod.
 ANNOTATION_TEMPLATE_HASH = f"{GROUP}/template-hash"
+# The Deployment generation that template was first applied at: its status is about this template's pods
+# once observedGeneration reaches it, even while a later replicas-only change is not observed yet.
+ANNOTATION_TEMPLATE_SINCE = f"{GROUP}/template-since-generation"
 ANNOTATION_MODEL_URI = f"{GROUP}/model-uri"
 ANNOTATION_PRECISION = f"{GROUP}/precision"
 ANNOTATION_REBUILD = f"{GROUP}/rebuild"

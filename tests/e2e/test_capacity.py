@@ -215,3 +215,37 @@ def test_every_kind_of_child_deleted_or_edited_is_repaired_within_seconds(
 def get_or_none(cluster: Cluster, namespace: str, kind: str, name: str) -> dict[str, Any] | None:
     proc = cluster.kubectl("-n", namespace, "get", kind, name, "-o", "json", check=False)
     return json.loads(proc.stdout) if proc.returncode == 0 else None
+
+
+def test_a_scale_up_onto_new_architectures_never_turns_ready_false(
+    cluster: Cluster, model_namespace: str, operator: OperatorProcess
+) -> None:
+    ns = model_namespace
+    apply_model(cluster, ns, replicas=1)
+    wait_ready(cluster, ns)
+    serving = {a for a, d in deployments(cluster, ns).items() if d["spec"]["replicas"]}
+    before = condition(model_status(cluster, ns), "Ready")
+    earlier = {e["metadata"]["name"] for e in model_events(cluster, ns)}
+    cluster.kubectl("-n", ns, "scale", "inferencemodel", "clf", "--replicas=3")
+    wait_for(
+        "3 architectures serving generation 2, rolled out",
+        lambda: (
+            (s := model_status(cluster, ns))
+            and s["observedGeneration"] == 2
+            and condition(s, "Reconciling").get("status") == "False"
+            and sum(1 for d in deployments(cluster, ns).values() if (d.get("status") or {}).get("availableReplicas"))
+            == 3
+        ),
+    )
+    after = condition(model_status(cluster, ns), "Ready")
+    added = {a for a, d in deployments(cluster, ns).items() if d["spec"]["replicas"]} - serving
+    assert len(added) == 2, "the scale-up added two architectures"
+    # A Ready that had turned False and back would carry a new lastTransitionTime.
+    assert (after["status"], after["observedGeneration"]) == ("True", 2)
+    assert after["lastTransitionTime"] == before["lastTransitionTime"]
+    since = [e for e in model_events(cluster, ns) if e["metadata"]["name"] not in earlier]
+    assert [e["reason"] for e in since if e["type"] == "Warning"] == []
+
+
+def model_events(cluster: Cluster, namespace: str) -> list[dict[str, Any]]:
+    return get(cluster, namespace, "events", "--field-selector", "involvedObject.kind=InferenceModel")["items"]

@@ -214,6 +214,18 @@ def test_a_scale_up_onto_new_architectures_keeps_ready_true_and_reports_progress
     scaled = with_status(model(replicas=3), im.model_dump(mode="json", by_alias=True)["status"], generation=2)
     first = plan(scaled, Observed(nodes=FLEET, jobs=jobs, deployments=deployments), settings=SETTINGS, now=NOW)
     assert sum(replicas(first).values()) == 3 and sum(1 for n in replicas(first).values() if n) == 3
+    unobserved = _grow(first, available=1)
+    for dep in unobserved:  # sm90 serves; the Deployment controller has not seen the others' new replicas yet
+        if dep["metadata"]["labels"]["modelfleet.io/architecture"] != "sm90":
+            dep["metadata"]["generation"] = 2
+            dep["status"] = {"observedGeneration": 1, "replicas": 0, "updatedReplicas": 0, "availableReplicas": 0}
+    racing = plan(
+        with_status(scaled, first.status),
+        Observed(nodes=FLEET, jobs=jobs, deployments=unobserved),
+        settings=SETTINGS,
+        now=NOW,
+    )
+    assert (cond(racing, "Ready")["status"], cond(racing, "Reconciling")["status"]) == ("True", "True")
     growing = _grow(first, available=0)
     for dep in growing:  # the one that served keeps its pod
         if dep["spec"]["replicas"] and dep["metadata"]["labels"]["modelfleet.io/architecture"] == "sm90":

@@ -20,6 +20,7 @@ from modelfleet_operator.reconcile import (
 )
 from modelfleet_operator.resources import (
     ANNOTATION_ENGINE_KEY,
+    ANNOTATION_TEMPLATE_SINCE,
     build_deployment,
     build_identity,
     build_options,
@@ -81,9 +82,11 @@ def finished_job(job: dict[str, Any], ok: bool = True) -> dict[str, Any]:
 def ready_deployment(dep: dict[str, Any]) -> dict[str, Any]:
     dep = copy.deepcopy(dep)
     n = dep["spec"]["replicas"]
-    dep["metadata"]["generation"] = 1
+    # As the API server has it: at least the generation its template was applied at, all observed.
+    generation = int((dep["metadata"].get("annotations") or {}).get(ANNOTATION_TEMPLATE_SINCE, 1))
+    dep["metadata"]["generation"] = generation
     dep["status"] = {
-        "observedGeneration": 1,
+        "observedGeneration": generation,
         "replicas": n,
         "updatedReplicas": n,
         "readyReplicas": n,
