@@ -27,7 +27,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
-from modelfleet_runtime.build.options import describe_default
+from modelfleet_runtime.build.options import DEFAULT_MAX_ACCURACY_DROP, describe_default
 
 GROUP = "modelfleet.io"
 VERSION = "v1alpha1"
@@ -299,6 +299,27 @@ class AccuracyGate(_Spec):
         le=100_000,
         description="Samples compared: the calibration data when given, else seeded synthetic inputs. Absent:"
         f" the precision's default ({describe_default('samples')}).",
+    )
+    evaluation: ArtifactSource | None = Field(
+        None,
+        description="Labeled evaluation data: an .npz with one array per model input (rows = samples) and"
+        " `labels`, one integer class id per sample. When given, the build scores the top-1 accuracy of the"
+        " engine and of the FP32 reference on every sample, and refuses the engine when it drops by more"
+        " than maxAccuracyDrop. Any precision.",
+    )
+    max_accuracy_drop: float = Field(
+        DEFAULT_MAX_ACCURACY_DROP,
+        ge=0,
+        le=1,
+        description="Largest top-1 accuracy drop on the evaluation data (reference minus engine) an engine may"
+        f" have. Absolute; {DEFAULT_MAX_ACCURACY_DROP} = 0.5 points. Used only with evaluation.",
+    )
+    evaluation_output: str | None = Field(
+        None,
+        min_length=1,
+        max_length=256,
+        description="The output the evaluation scores. Absent: the model's only classifier-shaped output"
+        " ([batch, classes]).",
     )
 
 
@@ -737,12 +758,24 @@ class Condition(_Status):
     message: str = Field("", max_length=32768, description="Human-readable details.")
 
 
+class EvaluationFigures(_Status):
+    """Top-1 accuracy on the labeled evaluation data (spec.engine.accuracy.evaluation)."""
+
+    samples: int | None = Field(None, description="Labeled samples scored.")
+    reference_accuracy: float | None = Field(None, description="Top-1 accuracy of the FP32 reference.")
+    accuracy: float | None = Field(None, description="Top-1 accuracy of the engine.")
+    accuracy_drop: float | None = Field(None, description="referenceAccuracy - accuracy (absolute; 0.01 = 1 point).")
+    max_accuracy_drop: float | None = Field(None, description="The limit the build applied.")
+    output: str | None = Field(None, description="The classifier output scored.")
+
+
 class EngineAccuracy(_Status):
     """Accuracy figures a build measured against the FP32 reference."""
 
     max_abs_error: float | None = Field(None, description="Largest absolute error over the samples.")
     max_rel_error: float | None = Field(None, description="Largest error relative to the output's scale.")
     top1_agreement: float | None = Field(None, description="Fraction of samples with the reference's argmax.")
+    evaluation: EvaluationFigures | None = Field(None, description="Top-1 accuracy on the labeled evaluation data.")
 
 
 class EngineStatus(_Status):

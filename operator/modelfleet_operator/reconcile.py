@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from modelfleet_operator.api import Condition, EngineAccuracy, EngineStatus, InferenceModel
+from modelfleet_operator.api import Condition, EngineAccuracy, EngineStatus, EvaluationFigures, InferenceModel
 from modelfleet_operator.autoscaler.algorithm import ArchitectureShare, split_across_architectures
 from modelfleet_operator.capacity import GpuPod, OwnPod, Room, room, unschedulable_reasons
 from modelfleet_operator.conditions import READY, SERVING, STALLED, Architecture, Capacity, Facts, decide
@@ -164,13 +164,7 @@ def _engine(im: InferenceModel, arch: str, build_id: str, exact: bool, observed:
                 "backend_version": result.get("backendVersion"),
                 "precision": result.get("precision") or base.precision,
                 "build_seconds": result.get("buildSeconds"),
-                "accuracy": EngineAccuracy(
-                    max_abs_error=accuracy.get("maxAbsError"),
-                    max_rel_error=accuracy.get("maxRelError"),
-                    top1_agreement=accuracy.get("top1Agreement"),
-                )
-                if accuracy
-                else None,
+                "accuracy": _engine_accuracy(accuracy) if accuracy else None,
                 "message": "cache hit" if result.get("cacheHit") else (result.get("message") or "built"),
             }
         ), True
@@ -180,6 +174,17 @@ def _engine(im: InferenceModel, arch: str, build_id: str, exact: bool, observed:
     failure_reason = result.get("reason") or reason or "BuildFailed"
     failure_message = result.get("message") or message or "the build Job failed"
     return base.model_copy(update={"phase": "Failed", "reason": failure_reason, "message": failure_message}), True
+
+
+def _engine_accuracy(figures: Mapping[str, Any]) -> EngineAccuracy:
+    """The build result's accuracy figures (camelCase, as the status has them) for status.engines[]."""
+    evaluation = figures.get("evaluation")
+    return EngineAccuracy(
+        max_abs_error=figures.get("maxAbsError"),
+        max_rel_error=figures.get("maxRelError"),
+        top1_agreement=figures.get("top1Agreement"),
+        evaluation=EvaluationFigures.model_validate(evaluation) if isinstance(evaluation, Mapping) else None,
+    )
 
 
 def _deployment_for(observed: Observed, name: str) -> Mapping[str, Any] | None:

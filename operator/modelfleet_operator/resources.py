@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlparse
 
-from modelfleet_operator.api import GROUP, InferenceModel, InferenceModelSpec, Placement
+from modelfleet_operator.api import GROUP, ArtifactSource, InferenceModel, InferenceModelSpec, Placement
 from modelfleet_operator.placement import CPU, GPU_RESOURCE, architecture_selector, tolerations_for
 from modelfleet_operator.settings import OperatorSettings
 from modelfleet_runtime.build import EXIT_CODES
@@ -18,6 +18,7 @@ from modelfleet_runtime.build.options import (
     BatchProfile,
     BuildOptions,
     Calibration,
+    Evaluation,
     ShapeRange,
     TensorRTOptions,
 )
@@ -122,12 +123,19 @@ def build_options(spec: InferenceModelSpec, settings: OperatorSettings) -> Build
             max_rel_error=engine.accuracy.max_rel_error,
             min_top1_agreement=engine.accuracy.min_top1_agreement,
             samples=engine.accuracy.samples,
+            evaluation=_evaluation(engine.accuracy.evaluation, settings),
+            max_accuracy_drop=engine.accuracy.max_accuracy_drop,
+            evaluation_output=engine.accuracy.evaluation_output,
         ),
         tensorrt=TensorRTOptions(
             builder_optimization_level=engine.tensorrt.builder_optimization_level,
             workspace_mib=engine.tensorrt.workspace_mib,
         ),
     )
+
+
+def _evaluation(source: ArtifactSource | None, settings: OperatorSettings) -> Evaluation | None:
+    return None if source is None else Evaluation(path=model_path(source.uri, settings), sha256=source.sha256)
 
 
 def build_identity(im: InferenceModel, arch: str, settings: OperatorSettings) -> tuple[str, bool]:
@@ -148,6 +156,10 @@ def build_identity(im: InferenceModel, arch: str, settings: OperatorSettings) ->
         exact = False
         calibration_uri = spec.engine.calibration.uri if spec.engine.calibration else ""
         options = options.with_calibration_digest(_stand_in_digest(f"uri:{calibration_uri}"))
+    evaluation = spec.engine.accuracy.evaluation
+    if evaluation is not None and evaluation.sha256 is None:
+        exact = False
+        options = options.with_evaluation_digest(_stand_in_digest(f"uri:{evaluation.uri}"))
     version = settings.runtime_backend_versions.get(backend) if spec.serving.image is None else None
     rebuild = (im.metadata.get("annotations") or {}).get(ANNOTATION_REBUILD, "")
     if version is None or rebuild:
@@ -241,8 +253,9 @@ CONTAINER_SECURITY: Mapping[str, Any] = {
 
 
 def model_claims(im: InferenceModel) -> list[str]:
-    """The PersistentVolumeClaims a build reads the model (and its calibration data) from: pvc:// URIs."""
-    uris = [im.spec.model.uri] + ([im.spec.engine.calibration.uri] if im.spec.engine.calibration else [])
+    """The PersistentVolumeClaims a build reads the model (its calibration and evaluation data) from: pvc:// URIs."""
+    engine = im.spec.engine
+    uris = [im.spec.model.uri] + [s.uri for s in (engine.calibration, engine.accuracy.evaluation) if s is not None]
     return sorted({urlparse(u).netloc for u in uris if urlparse(u).scheme == "pvc"})
 
 

@@ -149,6 +149,18 @@ INVALID_MANIFESTS: list[Invalid] = [
         f"{LE} 1",
     ),
     Invalid(
+        "max-accuracy-drop-above-1",
+        {"spec.engine.accuracy.maxAccuracyDrop": 2},
+        "spec.engine.accuracy.maxAccuracyDrop",
+        f"{LE} 1",
+    ),
+    Invalid(
+        "evaluation-https-without-sha256",
+        {"spec.engine.accuracy.evaluation": {"uri": "https://data.example.com/digits/eval.npz"}},
+        "spec.engine.accuracy.evaluation.sha256",
+        rule=api.HTTPS_NEEDS_SHA256,
+    ),
+    Invalid(
         "p99-target-zero",
         {"spec.autoscaling.targetP99LatencyMilliseconds": 0},
         "spec.autoscaling.targetP99LatencyMilliseconds",
@@ -786,11 +798,18 @@ def test_engine_fields_map_one_to_one_onto_build_options() -> None:
     ]
     for ours, theirs, only_ours in pairs:
         assert set(ours.model_fields) - only_ours == set(theirs.model_fields), ours.__name__
-    for obj in [BASE, *(load_yaml(p) for p in EXAMPLES)]:
+    labeled = copy.deepcopy(BASE)
+    labeled["spec"]["engine"]["accuracy"].update(
+        {"evaluation": {"uri": "pvc://data/eval.npz", "sha256": SHA}, "maxAccuracyDrop": 0.01}
+    )
+    for obj in [BASE, labeled, *(load_yaml(p) for p in EXAMPLES)]:
         engine = api.parse_inference_model(obj).spec.engine
         data = engine.model_dump(exclude={"architectures", "calibration"}, exclude_none=True)
         if engine.calibration is not None:  # the operator mounts the data and passes its local path
             data["calibration"] = {"path": "/mnt/calibration/data.npz", "sha256": engine.calibration.sha256}
+        if engine.accuracy.evaluation is not None:
+            digest = engine.accuracy.evaluation.sha256
+            data["accuracy"]["evaluation"] = {"path": "/mnt/evaluation/data.npz", "sha256": digest}
         built = options.BuildOptions.model_validate(data)
         assert options.parse_options(built.to_args()) == built
         assert built.precision == engine.precision

@@ -16,6 +16,7 @@ from modelfleet_runtime.build.options import (
     BatchProfile,
     BuildOptions,
     Calibration,
+    Evaluation,
     OnnxRuntimeOptions,
     ShapeRange,
     TensorRTOptions,
@@ -37,7 +38,15 @@ def full_options() -> BuildOptions:
             "-odd=name": ShapeRange(min=(1,), opt=(1,), max=(1,)),
         },
         calibration=Calibration(path="-data/calib set.npz", sha256="C" * 64),
-        accuracy=AccuracyGate(max_abs_error=0.1, max_rel_error=1e-7, min_top1_agreement=0.995, samples=256),
+        accuracy=AccuracyGate(
+            max_abs_error=0.1,
+            max_rel_error=1e-7,
+            min_top1_agreement=0.995,
+            samples=256,
+            evaluation=Evaluation(path="-data/eval set.npz", sha256="E" * 64),
+            max_accuracy_drop=0.0,
+            evaluation_output="-logits:0",
+        ),
         tensorrt=TensorRTOptions(builder_optimization_level=5, workspace_mib=4096),
         onnxruntime=OnnxRuntimeOptions(quantization="static"),
     )
@@ -45,8 +54,13 @@ def full_options() -> BuildOptions:
 
 @pytest.mark.parametrize(
     "options",
-    [BuildOptions(), full_options(), BuildOptions(backend="onnxruntime", precision="fp16")],
-    ids=["defaults", "everything", "partial"],
+    [
+        BuildOptions(),
+        full_options(),
+        BuildOptions(backend="onnxruntime", precision="fp16"),
+        BuildOptions(accuracy=AccuracyGate(evaluation=Evaluation(path="e.npz"), max_accuracy_drop=0.01)),
+    ],
+    ids=["defaults", "everything", "partial", "evaluation-without-digest"],
 )
 def test_to_args_parses_back_to_the_same_options(options: BuildOptions) -> None:
     assert parse_options(options.to_args()) == options
@@ -84,6 +98,10 @@ def test_round_trip_holds_for_any_valid_values(batch, threshold, top1, dims, nam
         (["--precision", "int8", "--ort-quantization", "static"], "calibration"),
         (["--trt-optimization-level", "9"], "builder_optimization_level"),
         (["--shape", "x=1:2:3", "--shape", "x=1:2:3"], "twice"),
+        (["--max-accuracy-drop", "2"], "max_accuracy_drop"),
+        (["--max-accuracy-drop", "-0.1"], "max_accuracy_drop"),
+        (["--evaluation-sha256", "ab"], "needs --evaluation"),
+        (["--evaluation", "e.npz", "--evaluation-sha256", "xyz"], "sha256"),
     ],
 )
 def test_invalid_flags_give_an_error_naming_the_field(argv: list[str], needle: str) -> None:
@@ -203,3 +221,46 @@ def test_a_gate_left_unset_takes_the_precisions_defaults_into_the_key() -> None:
     assert int8 == {"max_abs_error": None, "max_rel_error": 0.2, "min_top1_agreement": 0.98, "samples": 256}
     fp32 = BuildOptions(backend="onnxruntime").normalized()["accuracy"]
     assert fp32 == {"max_abs_error": None, "max_rel_error": 1e-3, "min_top1_agreement": 0.99, "samples": 64}
+
+
+# Keys computed by the code before the labeled gate existed (main at 42f48bf): specs without evaluation data
+# must keep them, or every engine already in a store would be rebuilt.
+KEYS_BEFORE_THE_LABELED_GATE = {
+    "defaults": "761926510fa1605b7b11a0df90d6870df62d3ea608edebeeea635d58829cc6d9",
+    "int8-tensorrt": "f533add2c4b9076f3d6b461d2c0a761c13082d6aa968c58683944c075b4460c2",
+}
+
+
+def test_specs_without_evaluation_data_keep_their_keys() -> None:
+    int8 = BuildOptions(
+        backend="tensorrt",
+        precision="int8",
+        calibration=Calibration(path="c.npz", sha256=DIGEST),
+        accuracy=AccuracyGate(max_abs_error=0.5, samples=100),
+    )
+    assert key() == KEYS_BEFORE_THE_LABELED_GATE["defaults"]
+    assert key(options=int8) == KEYS_BEFORE_THE_LABELED_GATE["int8-tensorrt"]
+    # The drop alone gates nothing without evaluation data: no new key.
+    assert key(options=BuildOptions(backend="onnxruntime", accuracy=AccuracyGate(max_accuracy_drop=0.02))) == key()
+
+
+def evaluated(path: str = "/a/e.npz", digest: str = DIGEST, **gate: object) -> BuildOptions:
+    evaluation = Evaluation(path=path, sha256=digest)
+    return BuildOptions(backend="onnxruntime", accuracy=AccuracyGate(evaluation=evaluation, **gate))
+
+
+def test_the_labeled_gate_enters_the_key_by_digest_drop_and_output() -> None:
+    assert key(options=evaluated()) != key()
+    assert key(options=evaluated(path="/b/other-name.npz")) == key(options=evaluated())  # the path is not content
+    assert key(options=evaluated(digest=OTHER_DIGEST)) != key(options=evaluated())
+    assert key(options=evaluated(max_accuracy_drop=0.01)) != key(options=evaluated())
+    assert key(options=evaluated(max_accuracy_drop=0.005)) == key(options=evaluated())  # the default, spelled out
+    assert key(options=evaluated(evaluation_output="logits")) != key(options=evaluated())
+    assert evaluated().normalized()["evaluation"] == {"sha256": DIGEST, "max_accuracy_drop": 0.005, "output": None}
+
+
+def test_key_needs_the_evaluation_digest() -> None:
+    undigested = BuildOptions(backend="onnxruntime", accuracy=AccuracyGate(evaluation=Evaluation(path="e.npz")))
+    with pytest.raises(ValueError, match="evaluation"):
+        key(options=undigested)
+    assert key(options=undigested.with_evaluation_digest("sha256:" + DIGEST.upper())) == key(options=evaluated())

@@ -39,28 +39,38 @@ SYNTHETIC_ID_RANGE = 100
 
 def load_calibration(path: Path, spec: ModelSpec) -> Feeds:
     """Read an .npz holding one array per model input, all with the same number of rows."""
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {name: np.asarray(data[name]) for name in data.files}
-    except Exception as exc:  # zipfile / format errors
-        raise InvalidOptions(f"calibration {path.name}: not a readable .npz ({type(exc).__name__}: {exc})") from exc
+    source = f"calibration {path.name}"
+    arrays = read_npz(path, source=source)
     names = [t.name for t in spec.inputs]
     missing = [n for n in names if n not in arrays]
     extra = [n for n in arrays if n not in names]
     if missing or extra:
         raise InvalidOptions(
-            f"calibration {path.name}: arrays must be named after the model inputs {names}; "
-            f"missing {missing}, unexpected {extra}"
+            f"{source}: arrays must be named after the model inputs {names}; missing {missing}, unexpected {extra}"
         )
+    return input_feeds(arrays, spec, source=source)
+
+
+def read_npz(path: Path, *, source: str) -> dict[str, Array]:
+    """Every array of an .npz (no pickles); InvalidOptions when it is not one."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {name: np.asarray(data[name]) for name in data.files}
+    except Exception as exc:  # zipfile / format errors
+        raise InvalidOptions(f"{source}: not a readable .npz ({type(exc).__name__}: {exc})") from exc
+
+
+def input_feeds(arrays: dict[str, Array], spec: ModelSpec, *, source: str) -> Feeds:
+    """The model inputs' arrays, conformed to their specs and checked to have the same number of rows."""
     feeds: Feeds = {}
     rows = None
     for tensor in spec.inputs:
         array = arrays[tensor.name]
-        feeds[tensor.name] = _conform(array, tensor, source=f"calibration {path.name}")
+        feeds[tensor.name] = _conform(array, tensor, source=source)
         if rows is None:
             rows = array.shape[0]
         elif array.shape[0] != rows:
-            raise InvalidOptions(f"calibration {path.name}: {tensor.name!r} has {array.shape[0]} rows, others {rows}")
+            raise InvalidOptions(f"{source}: {tensor.name!r} has {array.shape[0]} rows, others {rows}")
     return feeds
 
 

@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from modelfleet_runtime.build import (
     AccuracyGateFailed,
@@ -41,6 +41,11 @@ from modelfleet_runtime.build.options import (
     add_option_arguments,
     options_from_namespace,
 )
+
+if TYPE_CHECKING:
+    from modelfleet_runtime.build.accuracy import Runner
+    from modelfleet_runtime.build.labeled import EvaluationReport, LabeledSet
+    from modelfleet_runtime.build.validate import ModelSpec, TensorSpec
 
 log = logging.getLogger("modelfleet.build")
 
@@ -356,6 +361,7 @@ def run(request: Request, result: Result) -> None:
                 options = options.with_calibration_digest(calibration.sha256)
                 calibration_path = calibration.path
                 notes.append(f"calibration sha256 {calibration.sha256[:12]}")
+            options, evaluation_path = _fetch_evaluation(options, workdir=workdir, notes=notes)
             key = engine_key(
                 model_digest=model.sha256, options=options, architecture=architecture, backend_version=version
             )
@@ -383,6 +389,7 @@ def run(request: Request, result: Result) -> None:
             model_path=model.path,
             model_digest=model.sha256,
             calibration_path=calibration_path,
+            evaluation_path=evaluation_path,
             workdir=workdir,
             key=key,
         )
@@ -400,6 +407,7 @@ def _build_and_publish(
     calibration_path: Path | None,
     workdir: Path,
     key: str,
+    evaluation_path: Path | None = None,
 ) -> None:
     from modelfleet_runtime.build import accuracy, ort
     from modelfleet_runtime.build import store as store_mod
@@ -410,6 +418,7 @@ def _build_and_publish(
     with progress.step("validate") as notes:
         spec = validate_model(model_path, options=options)
         calibration = None if calibration_path is None else accuracy.load_calibration(calibration_path, spec)
+        evaluation = None if evaluation_path is None else _load_evaluation(evaluation_path, spec, options)
         notes.append(
             f"opset {spec.opset}; inputs "
             + ", ".join(f"{t.name} {t.datatype}{list(t.shape or [])}" for t in spec.inputs)
@@ -459,10 +468,16 @@ def _build_and_publish(
                 gate=gate,
                 classifiers=frozenset(t.name for t in spec.outputs if t.classifier_shaped),
             )
+            labeled = None if evaluation is None else _labeled_gate(evaluation, reference, candidate, options)
             result.accuracy = outcome.report.as_dict(camel=True)
             notes.append(outcome.message)
-            if not outcome.passed:
-                raise AccuracyGateFailed(outcome.message + "; nothing was published")
+            if labeled is not None:
+                result.accuracy["evaluation"] = labeled.as_dict(camel=True)
+                notes.append(labeled.message)
+            failures = [outcome.message] if not outcome.passed else []
+            failures += [labeled.message] if labeled is not None and not labeled.passed else []
+            if failures:
+                raise AccuracyGateFailed("; ".join(failures) + "; nothing was published")
 
         with progress.step("publish") as notes:
             digest, size = file_sha256(built.artifact)
@@ -482,7 +497,11 @@ def _build_and_publish(
                 inputs=[t.manifest_entry() for t in spec.inputs],
                 outputs=[t.manifest_entry() for t in spec.outputs],
                 build_seconds=build_seconds,
-                accuracy={"gate": gate.model_dump(), **outcome.report.as_dict(camel=False)},
+                accuracy={
+                    "gate": gate.model_dump(),
+                    **outcome.report.as_dict(camel=False),
+                    **({} if labeled is None else {"evaluation": labeled.as_dict(camel=False)}),
+                },
                 details=built.details,
                 versions=package_versions(),
                 created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -515,6 +534,57 @@ def _fill_from_manifest(result: Result, manifest: dict[str, Any]) -> None:
         "maxRelError": figures.get("max_rel_error"),
         "top1Agreement": figures.get("top1_agreement"),
     }
+    if isinstance(figures.get("evaluation"), dict):
+        result.accuracy["evaluation"] = _evaluation_from_manifest(figures["evaluation"])
+
+
+def _evaluation_from_manifest(figures: dict[str, Any]) -> dict[str, Any]:
+    """The labeled gate's manifest figures (snake_case) as the result JSON's (camelCase)."""
+    names = ("samples", "reference_accuracy", "accuracy", "accuracy_drop", "max_accuracy_drop", "output")
+    return {_camel(name): figures.get(name) for name in names}
+
+
+def _camel(snake: str) -> str:
+    head, *rest = snake.split("_")
+    return head + "".join(part.title() for part in rest)
+
+
+def _fetch_evaluation(options: BuildOptions, *, workdir: Path, notes: list[str]) -> tuple[BuildOptions, Path | None]:
+    """Fetch the labeled gate's .npz like the calibration data; its digest enters the options (and the key)."""
+    from modelfleet_runtime.build.fetch import fetch
+
+    wanted = options.accuracy.evaluation
+    if wanted is None:
+        return options, None
+    fetched = fetch(
+        wanted.path, expected_sha256=wanted.sha256, workdir=workdir, what="evaluation", sha_flag="--evaluation-sha256"
+    )
+    notes.append(f"evaluation sha256 {fetched.sha256[:12]}")
+    return options.with_evaluation_digest(fetched.sha256), fetched.path
+
+
+def _load_evaluation(path: Path, spec: ModelSpec, options: BuildOptions) -> tuple[LabeledSet, TensorSpec]:
+    """The labeled set and the output it scores; InvalidOptions before any build time is spent."""
+    from modelfleet_runtime.build import labeled
+
+    output = labeled.classifier_output(spec, options.accuracy.evaluation_output)
+    return labeled.load_evaluation(path, spec, classes=labeled.class_count(output)), output
+
+
+def _labeled_gate(
+    evaluation: tuple[LabeledSet, TensorSpec], reference: Runner, candidate: Runner, options: BuildOptions
+) -> EvaluationReport:
+    from modelfleet_runtime.build import labeled
+
+    data, output = evaluation
+    return labeled.run_evaluation(
+        reference=reference,
+        candidate=candidate,
+        data=data,
+        output=output,
+        batch=options.batch,
+        max_accuracy_drop=options.accuracy.max_accuracy_drop,
+    )
 
 
 def _short(details: dict[str, Any]) -> str:

@@ -106,8 +106,8 @@ class ShapeRange(_Frozen):
         return self
 
 
-class Calibration(_Frozen):
-    """Calibration data: an .npz with one array per model input, [samples, ...]."""
+class _DataFile(_Frozen):
+    """An .npz the build reads: where it is, and optionally its digest."""
 
     path: str = Field(min_length=1, description="local path (the operator mounts volumes)")
     sha256: str | None = Field(None, description="content digest; computed by the build when absent")
@@ -116,6 +116,18 @@ class Calibration(_Frozen):
     @classmethod
     def _digest(cls, value: str | None) -> str | None:
         return None if value is None else normalize_sha256(value)
+
+
+class Calibration(_DataFile):
+    """Calibration data: an .npz with one array per model input, [samples, ...]."""
+
+
+class Evaluation(_DataFile):
+    """Labeled evaluation data: an .npz with one array per model input plus `labels` (class ids, [samples])."""
+
+
+# Absolute: 0.005 is half a point of top-1 accuracy ("no more than 0.5 % accuracy drop").
+DEFAULT_MAX_ACCURACY_DROP = 0.005
 
 
 class ResolvedGate(_Frozen):
@@ -134,6 +146,13 @@ class AccuracyGate(_Frozen):
     max_rel_error: float | None = Field(None, ge=0)
     min_top1_agreement: float | None = Field(None, ge=0, le=1)
     samples: int | None = Field(None, ge=1, le=100_000)
+    evaluation: Evaluation | None = Field(None, description="labeled data for the top-1 accuracy gate")
+    max_accuracy_drop: float = Field(
+        DEFAULT_MAX_ACCURACY_DROP, ge=0, le=1, description="largest top-1 accuracy drop, absolute (0.005 = 0.5 points)"
+    )
+    evaluation_output: str | None = Field(
+        None, min_length=1, description="the classifier output to score; None: the one [batch, classes] output"
+    )
 
     def resolved(self, precision: Precision) -> ResolvedGate:
         defaults = DEFAULT_GATES[precision]
@@ -191,17 +210,31 @@ class BuildOptions(_Frozen):
         calibration = self.calibration.model_copy(update={"sha256": normalize_sha256(sha256)})
         return self.model_copy(update={"calibration": calibration})
 
+    def with_evaluation_digest(self, sha256: str) -> BuildOptions:
+        evaluation = self.accuracy.evaluation
+        if evaluation is None:
+            raise ValueError("no evaluation data to attach a digest to")
+        evaluation = evaluation.model_copy(update={"sha256": normalize_sha256(sha256)})
+        return self.model_copy(update={"accuracy": self.accuracy.model_copy(update={"evaluation": evaluation})})
+
     def normalized(self) -> dict[str, Any]:
         """The options as they enter the cache key: resolved, and only what changes or gates the artifact.
 
         The calibration path is left out (the same data at another path is the same build), its digest
         is in; the gate enters with its precision defaults filled in; TensorRT knobs only for TensorRT.
+        The labeled gate enters only when there is evaluation data (its digest, the drop, the output),
+        so the keys of specs without it are the keys they always had.
         """
         if self.backend == "auto":
             raise ValueError("resolve backend 'auto' before computing the key")
         if self.calibration is not None and self.calibration.sha256 is None:
             raise ValueError("the calibration data's sha256 must be known before computing the key")
+        evaluation = self.accuracy.evaluation
+        if evaluation is not None and evaluation.sha256 is None:
+            raise ValueError("the evaluation data's sha256 must be known before computing the key")
+        labeled = {} if evaluation is None else {"evaluation": self._evaluation_key(evaluation)}
         return {
+            **labeled,
             "backend": self.backend,
             "precision": self.precision,
             "batch": self.batch.model_dump(),
@@ -210,6 +243,13 @@ class BuildOptions(_Frozen):
             "accuracy": self.accuracy.resolved(self.precision).model_dump(),
             "tensorrt": self.tensorrt.model_dump() if self.backend == "tensorrt" else None,
             "onnxruntime": self._onnxruntime_key(),
+        }
+
+    def _evaluation_key(self, evaluation: Evaluation) -> dict[str, Any]:
+        return {
+            "sha256": evaluation.sha256,
+            "max_accuracy_drop": self.accuracy.max_accuracy_drop,
+            "output": self.accuracy.evaluation_output,
         }
 
     def _onnxruntime_key(self) -> dict[str, Any] | None:
@@ -241,11 +281,26 @@ class BuildOptions(_Frozen):
                 args += [flag, repr(float(value))]  # repr round-trips a float exactly
         if gate.samples is not None:
             args += ["--accuracy-samples", str(gate.samples)]
+        args += _evaluation_args(gate)
         args += ["--trt-optimization-level", str(self.tensorrt.builder_optimization_level)]
         if self.tensorrt.workspace_mib is not None:
             args += ["--trt-workspace-mib", str(self.tensorrt.workspace_mib)]
         args += ["--ort-quantization", self.onnxruntime.quantization]
         return args
+
+
+def _evaluation_args(gate: AccuracyGate) -> list[str]:
+    """The labeled gate's flags; the drop only where it is not the default."""
+    args: list[str] = []
+    if gate.evaluation is not None:
+        args.append(f"--evaluation={gate.evaluation.path}")
+        if gate.evaluation.sha256 is not None:
+            args += ["--evaluation-sha256", gate.evaluation.sha256]
+    if gate.evaluation_output is not None:
+        args.append(f"--evaluation-output={gate.evaluation_output}")
+    if gate.max_accuracy_drop != DEFAULT_MAX_ACCURACY_DROP:
+        args += ["--max-accuracy-drop", repr(float(gate.max_accuracy_drop))]
+    return args
 
 
 def format_shape(name: str, shape: ShapeRange) -> str:
@@ -292,6 +347,20 @@ def add_option_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         help="gate: number of samples compared (default: " + describe_default("samples") + ")",
     )
+    group.add_argument(
+        "--evaluation",
+        metavar="PATH",
+        help="labeled .npz (one array per input and `labels`, class ids): gate on the top-1 accuracy drop",
+    )
+    group.add_argument("--evaluation-sha256", metavar="HEX", help="expected sha256 of the evaluation file")
+    group.add_argument(
+        "--evaluation-output", metavar="NAME", help="classifier output to score (default: the one [batch, classes])"
+    )
+    group.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        help=f"gate: largest top-1 accuracy drop on --evaluation, absolute (default {DEFAULT_MAX_ACCURACY_DROP})",
+    )
     group.add_argument("--trt-optimization-level", type=int, help="TensorRT builder optimization level 0-5")
     group.add_argument("--trt-workspace-mib", type=int, help="TensorRT workspace memory pool limit, MiB")
     group.add_argument(
@@ -330,9 +399,15 @@ def options_from_namespace(ns: argparse.Namespace) -> BuildOptions:
             ("max_rel_error", ns.max_rel_error),
             ("min_top1_agreement", ns.min_top1_agreement),
             ("samples", ns.accuracy_samples),
+            ("max_accuracy_drop", ns.max_accuracy_drop),
+            ("evaluation_output", ns.evaluation_output),
         )
         if value is not None
     }
+    if ns.evaluation is not None:
+        gate["evaluation"] = {"path": ns.evaluation, "sha256": ns.evaluation_sha256}
+    elif ns.evaluation_sha256 is not None:
+        raise InvalidOptions("--evaluation-sha256 needs --evaluation")
     if gate:
         data["accuracy"] = gate
     trt = {
