@@ -111,6 +111,26 @@ def test_minimal_example_is_stored_with_every_default(cluster: Any, namespace: s
     assert spec["serving"]["batching"]["maxQueueDelayMicroseconds"] == 1000
 
 
+def test_a_labeled_accuracy_gate_is_accepted_stored_and_explained(
+    cluster: Any, namespace: str, inferencemodel_crd: Path
+) -> None:
+    obj = copy_base_spec_object("labeled")
+    obj["spec"]["engine"]["accuracy"].update(
+        {"evaluation": {"uri": "pvc://datasets/digits/eval.npz"}, "maxAccuracyDrop": 0.01, "evaluationOutput": "logits"}
+    )
+    cluster.kubectl("apply", "--server-side", "--validate=strict", "-n", namespace, "-f", "-", input=json.dumps(obj))
+    stored = get_json(cluster, namespace, "labeled")
+    assert stored["spec"]["engine"]["accuracy"]["evaluation"] == {"uri": "pvc://datasets/digits/eval.npz"}
+    assert stored["spec"]["engine"]["accuracy"]["maxAccuracyDrop"] == 0.01
+    assert api.parse_inference_model(stored).spec == api.parse_inference_model(obj).spec
+    out = cluster.kubectl("explain", "inferencemodel.spec.engine.accuracy.maxAccuracyDrop").stdout
+    assert "Absolute; 0.005 = 0.5 points" in " ".join(out.split())
+
+
+def copy_base_spec_object(name: str) -> dict[str, Any]:
+    return json.loads(json.dumps({**BASE, "metadata": {"name": name}}))
+
+
 # --- printer columns, status, kubectl wait and scale --------------------------------------------------------
 
 
