@@ -19,6 +19,7 @@ from modelfleet_runtime.build.options import (
     BuildOptions,
     Calibration,
     Evaluation,
+    OnnxRuntimeOptions,
     ShapeRange,
     TensorRTOptions,
 )
@@ -131,6 +132,7 @@ def build_options(spec: InferenceModelSpec, settings: OperatorSettings) -> Build
             builder_optimization_level=engine.tensorrt.builder_optimization_level,
             workspace_mib=engine.tensorrt.workspace_mib,
         ),
+        onnxruntime=OnnxRuntimeOptions(quantization=engine.onnxruntime.quantization),
     )
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import tritonclient.http as triton
 
+from tests.digits import digits_model, train_digits, write_evaluation
 from tests.e2e.conftest import OPERATOR_NAMESPACE, RELEASE, ROOT, Cluster, RealImages, install_chart, wait_for
 from tests.modelzoo import FEATURES, classifier_model, classifier_reference
 
@@ -465,3 +466,53 @@ def successes_by_model_pod(cluster: Cluster, namespace: str, model: str) -> dict
             text = response.read().decode()
         counts[pod["metadata"]["name"]] = float(next(x for x in text.splitlines() if x.startswith(prefix)).split()[-1])
     return counts
+
+
+def test_the_labeled_gate_scores_real_digits_in_a_build_job_and_refuses_a_lossy_engine(
+    cluster: Cluster, served: str, real_images: RealImages, tmp_path: Path
+) -> None:
+    """Evaluation data from a second claim: the figures reach status.engines, and a miscalibrated int8 engine
+    (which the drift gate, comparing on its calibration data, would let through) is refused for its drop."""
+    ns, digits = served, train_digits()
+    pvc = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": "datasets", "namespace": ns},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+    }
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(pvc))
+    tmp = tmp_path / "digits"
+    model, evaluation = digits_model(tmp / "digits.onnx", digits.weights), write_evaluation(tmp / "eval.npz", digits)
+    faint = tmp / "faint.npz"
+    np.savez(faint, pixels=(digits.test_x[:128] * 0.05).astype(np.float32))
+    real_images.copy_into_claim(cluster, ns, "models", {"digits.onnx": model.read_bytes()})
+    files = {"eval.npz": evaluation.read_bytes(), "faint.npz": faint.read_bytes()}
+    real_images.copy_into_claim(cluster, ns, "datasets", files)
+    gate = {"evaluation": {"uri": "pvc://datasets/eval.npz"}, "maxAccuracyDrop": 0.05}
+    apply(cluster, ns, inference_model("digits", "pvc://models/digits.onnx", precision="int8", accuracy=gate))
+    lossy = inference_model(
+        "digits-faint",
+        "pvc://models/digits.onnx",
+        precision="int8",
+        calibration={"uri": "pvc://datasets/faint.npz"},
+        onnxruntime={"quantization": "static"},
+        accuracy={**gate, "maxRelError": 1e6, "minTop1Agreement": 0},
+    )
+    apply(cluster, ns, lossy)
+    wait_ready(cluster, ns, "digits")
+    (engine,) = get(cluster, ns, "inferencemodel", "digits")["status"]["engines"]
+    figures = engine["accuracy"]["evaluation"]
+    print("int8 on the real node:", figures)
+    assert figures["samples"] == 540 and figures["output"] == "logits" and figures["maxAccuracyDrop"] == 0.05
+    assert figures["referenceAccuracy"] == pytest.approx(digits.sklearn_accuracy)
+    assert figures["accuracyDrop"] == pytest.approx(figures["referenceAccuracy"] - figures["accuracy"])
+    assert figures["accuracyDrop"] <= 0.05
+
+    def finished() -> dict[str, Any] | None:
+        engines = get(cluster, ns, "inferencemodel", "digits-faint")["status"].get("engines") or [{}]
+        return engines[0] if engines[0].get("phase") in ("Failed", "Ready") else None
+
+    refused = wait_for("the lossy build to finish", finished, timeout=READY_SECONDS)
+    print("refused on the real node:", refused["message"])
+    assert refused["reason"] == "AccuracyGateFailed", refused
+    assert "labeled samples" in refused["message"] and "> 5.00; nothing was published" in refused["message"]

@@ -104,3 +104,17 @@ def test_status_carries_the_evaluation_figures_from_the_termination_message() ->
     parsed = with_status(im, second.status).status.engines[0].accuracy
     assert parsed is not None and parsed.evaluation is not None
     assert parsed.evaluation.accuracy_drop == 0.0037
+
+
+def test_the_build_job_quantizes_the_way_the_spec_asks() -> None:
+    """spec.engine.onnxruntime.quantization reaches the Job (it was dropped: static specs built dynamic)."""
+    im = model(
+        engine={
+            "precision": "int8",
+            "calibration": {"uri": "pvc://datasets/calib.npz"},
+            "onnxruntime": {"quantization": "static"},
+        }
+    )
+    args = sm90_job(im)["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--ort-quantization") + 1] == "static"
+    assert build_options(im.spec, SETTINGS).onnxruntime.quantization == "static"
