@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from modelfleet_runtime.build import (
     AccuracyGateFailed,
@@ -42,11 +42,16 @@ from modelfleet_runtime.build.options import (
     options_from_namespace,
 )
 
+if TYPE_CHECKING:
+    from modelfleet_runtime.build.accuracy import Feeds
+    from modelfleet_runtime.build.precision import Prepared
+    from modelfleet_runtime.build.validate import ModelSpec
+
 log = logging.getLogger("modelfleet.build")
 
 DEFAULT_TERMINATION_LOG = Path("/dev/termination-log")
 TERMINATION_LIMIT = 4096  # bytes Kubernetes keeps of a termination message
-STEPS = ("resolve", "fetch", "cache", "validate", "build", "accuracy", "publish")
+STEPS = ("resolve", "fetch", "cache", "validate", "prepare", "build", "accuracy", "publish")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -416,6 +421,14 @@ def _build_and_publish(
             + ("; Q/DQ model" if spec.has_qdq else "")
         )
 
+    with progress.step("prepare") as notes:
+        prepared = _prepare(
+            options, spec=spec, architecture=architecture, model_path=model_path, model_digest=model_digest,
+            store=store, workdir=workdir, calibration=calibration,
+        )  # fmt: skip
+        result.extra.update(prepared.as_details())
+        notes.append(_prepared_note(prepared))
+
     staging = store_mod.make_staging(store, key)
     try:
         with progress.step("build") as notes:
@@ -424,18 +437,18 @@ def _build_and_publish(
                 from modelfleet_runtime.build import trt
 
                 built = trt.build_tensorrt(
-                    model_path=model_path,
                     spec=spec,
                     options=options,
                     architecture=architecture,
                     out_dir=staging,
                     store=store,
-                    calibration=calibration,
+                    prepared=prepared,
                 )
                 candidate = trt.engine_runner(built.artifact)
             else:
                 built = ort.build_onnxruntime(
                     model_path=model_path,
+                    prepared=prepared.path,
                     spec=spec,
                     options=options,
                     architecture=architecture,
@@ -483,7 +496,7 @@ def _build_and_publish(
                 outputs=[t.manifest_entry() for t in spec.outputs],
                 build_seconds=build_seconds,
                 accuracy={"gate": gate.model_dump(), **outcome.report.as_dict(camel=False)},
-                details=built.details,
+                details={**built.details, **prepared.as_details()},
                 versions=package_versions(),
                 created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             )
@@ -507,7 +520,7 @@ def _fill_from_manifest(result: Result, manifest: dict[str, Any]) -> None:
     result.effective_precision = precision.get("effective")
     result.build_seconds = manifest.get("build_seconds")
     details = manifest.get("details") or {}
-    result.extra.update({k: details[k] for k in ("cpuInt8Kernel", "int8Portable") if k in details})
+    result.extra.update({k: details[k] for k in ("cpuInt8Kernel", "int8Portable", "prepared") if k in details})
     figures = manifest.get("accuracy") or {}
     result.accuracy = {
         "samples": figures.get("samples"),
@@ -515,6 +528,50 @@ def _fill_from_manifest(result: Result, manifest: dict[str, Any]) -> None:
         "maxRelError": figures.get("max_rel_error"),
         "top1Agreement": figures.get("top1_agreement"),
     }
+
+
+def prepares(options: BuildOptions, *, architecture: str) -> bool:
+    """Whether this build compiles build/precision.py's model: TensorRT at every precision but fp32; ONNX
+    Runtime for fp16 on a GPU target and for int8 with the `qdq` method."""
+    if options.precision == "fp32":
+        return False
+    if options.backend == "tensorrt":
+        return True
+    if options.precision == "fp16":
+        return architecture != "cpu"
+    return options.precision == "int8" and options.onnxruntime.quantization == "qdq"
+
+
+def _prepare(
+    options: BuildOptions,
+    *,
+    spec: ModelSpec,
+    architecture: str,
+    model_path: Path,
+    model_digest: str,
+    store: Path,
+    workdir: Path,
+    calibration: Feeds | None,
+) -> Prepared:
+    from modelfleet_runtime.build import precision
+
+    if not prepares(options, architecture=architecture):
+        return precision.Prepared(path=model_path)
+    if options.backend == "tensorrt":
+        from modelfleet_runtime.build import trt
+
+        trt.check_precision(spec=spec, options=options, architecture=architecture)  # before any work
+    return precision.prepare(
+        model_path=model_path, model_digest=model_digest, spec=spec, options=options, store=store,
+        workdir=workdir, calibration=calibration,
+    )  # fmt: skip
+
+
+def _prepared_note(prepared: Prepared) -> str:
+    if prepared.key is None:
+        return "the model as it is"
+    state = "cache hit" if prepared.cache_hit else "made and gated on the CPU"
+    return f"{(prepared.details or {}).get('scheme')} {state}: prepared/{prepared.key[:16]}"
 
 
 def _short(details: dict[str, Any]) -> str:
