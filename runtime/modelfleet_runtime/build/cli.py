@@ -41,6 +41,7 @@ from modelfleet_runtime.build.options import (
     add_option_arguments,
     options_from_namespace,
 )
+from modelfleet_runtime.selfcheck import ConflictingDistributions, check_onnxruntime
 
 if TYPE_CHECKING:
     from modelfleet_runtime.build.accuracy import Feeds
@@ -107,20 +108,9 @@ def detect_gpu_architecture() -> str | None:
 
 
 def _cuda_python_architecture() -> str | None:
-    if importlib.util.find_spec("cuda") is None:
-        return None
-    try:
-        from cuda import cudart  # type: ignore[attr-defined,unused-ignore]
+    from modelfleet_runtime.cuda import device_architecture
 
-        err, count = cudart.cudaGetDeviceCount()
-        if err != cudart.cudaError_t.cudaSuccess or count < 1:
-            return None
-        attr = cudart.cudaDeviceAttr
-        _, major = cudart.cudaDeviceGetAttribute(attr.cudaDevAttrComputeCapabilityMajor, 0)
-        _, minor = cudart.cudaDeviceGetAttribute(attr.cudaDevAttrComputeCapabilityMinor, 0)
-        return f"sm{major}{minor}"
-    except Exception:  # no driver, or an unexpected cuda-python layout: treat as no GPU
-        return None
+    return device_architecture()
 
 
 def resolve_architecture(flag: str | None, detected: str | None) -> str:
@@ -331,6 +321,10 @@ def run(request: Request, result: Result) -> None:
     store = request.store
 
     with progress.step("resolve") as notes:
+        try:
+            check_onnxruntime()
+        except ConflictingDistributions as exc:
+            raise Unsupported(f"this image cannot build: {exc}") from None
         detected = detect_gpu_architecture()
         architecture = resolve_architecture(request.architecture_flag, detected)
         backend = resolve_backend(options, architecture=architecture, gpu_present=detected is not None)
