@@ -17,6 +17,7 @@ import tritonclient.http as httpclient
 from modelfleet_runtime.backends.base import ExecutionProvider
 from modelfleet_runtime.backends.onnxruntime import (
     fallback_message,
+    preferred_providers,
     preload_gpu_libraries,
     requested_provider,
 )
@@ -38,16 +39,18 @@ def test_a_gpu_architecture_served_by_the_cpu_build_says_so_three_ways(
     meta = requests.get(f"{server.url}/v2/models/gpu-on-cpu", timeout=10).json()
     assert meta["parameters"] == {
         "execution_provider": CPU,
-        "requested_execution_provider": TRT,
+        "requested_execution_provider": CUDA,  # no tensorrt installed: no ORT TensorRT provider first
         "gpu_expected": True,
     }
     # tritonclient hands the metadata back untouched, the extra field included.
     client = httpclient.InferenceServerClient(server.host)
     assert client.get_model_metadata("gpu-on-cpu")["parameters"]["execution_provider"] == CPU
-    assert server.metric(INFO, provider=CPU, requested=TRT) == 1
+    assert server.metric(INFO, provider=CPU, requested=CUDA) == 1
     warnings = [line for line in server.log().splitlines() if " WARNING " in line and "serving on" in line]
     assert len(warnings) == 1, server.log()
-    assert f"serving on {CPU}; asked for {TRT}: this ONNX Runtime (onnxruntime {ort.__version__}) has no" in warnings[0]
+    assert (
+        f"serving on {CPU}; asked for {CUDA}: this ONNX Runtime (onnxruntime {ort.__version__}) has no" in warnings[0]
+    )
 
 
 def test_a_named_gpu_provider_is_what_counts_as_asked_for(start_server: ServerFactory, models: dict[str, Path]) -> None:
@@ -66,8 +69,14 @@ def test_a_cpu_model_serves_on_cpu_without_a_warning(start_server: ServerFactory
 # --- the decisions ------------------------------------------------------------------------------------------
 
 
+def test_ort_tensorrt_provider_is_tried_only_beside_tensorrt_10() -> None:
+    assert preferred_providers("10.16.1.11") == (TRT, CUDA, CPU)
+    assert preferred_providers("11.4.0.106") == (CUDA, CPU)  # its libnvinfer.so.10 cannot load beside 11
+    assert preferred_providers(None) == (CUDA, CPU)
+
+
 def test_the_provider_asked_for() -> None:
-    assert requested_provider((), [CPU], gpu_expected=True) == TRT
+    assert requested_provider((), [CPU], gpu_expected=True) == CUDA  # no tensorrt here: CUDA comes first
     assert requested_provider((CUDA, CPU), [CPU], gpu_expected=True) == CUDA
     assert requested_provider((CPU,), [CPU], gpu_expected=True) == CPU  # CPU asked for by name
     assert requested_provider((), [CUDA, CPU], gpu_expected=False) == CUDA  # what this build offers first

@@ -1,4 +1,4 @@
-"""ONNX Runtime backend: providers tried in the order TensorRT, CUDA, CPU, with tuned session options.
+"""ONNX Runtime backend: providers tried in the order TensorRT (beside TensorRT 10), CUDA, CPU, tuned options.
 
 Two things ONNX Runtime's Python API does not do for us: string tensors go in as `str` (it turns `bytes`
 into their repr, and takes no byte strings at all, so BYTES elements must be UTF-8), and its errors say
@@ -24,6 +24,8 @@ from modelfleet_runtime.protocol import InvalidInput
 log = logging.getLogger(__name__)
 
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", CPU_PROVIDER)
+# ONNX Runtime's TensorRT provider links libnvinfer.so.10 (every onnxruntime-gpu up to 1.31 at least).
+ORT_TENSORRT_MAJOR = 10
 GPU_PROVIDERS = frozenset({"TensorrtExecutionProvider", "CUDAExecutionProvider"})
 
 # ONNX Runtime type strings ("tensor(float)") to OIP datatypes.
@@ -58,12 +60,30 @@ class OrtOptions:
     gpu_expected: bool = False  # the pod serves a GPU architecture: a CPU provider is then a fault
 
 
+def preferred_providers(tensorrt_version: str | None) -> tuple[str, ...]:
+    """The default order: TensorRT, CUDA, CPU; TensorRT only beside the TensorRT major ONNX Runtime's provider
+    loads (it cannot load beside TensorRT 11, and would only log an error block on every session)."""
+    major = (tensorrt_version or "").split(".")[0]
+    if major.isdigit() and int(major) == ORT_TENSORRT_MAJOR:
+        return PREFERRED_PROVIDERS
+    return tuple(p for p in PREFERRED_PROVIDERS if p != "TensorrtExecutionProvider")
+
+
+def _installed_tensorrt() -> str | None:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("tensorrt")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def choose_providers(available: Sequence[str], requested: Sequence[str] = ()) -> list[str]:
-    """Requested providers (or TensorRT, CUDA, CPU) in order, keeping those this ONNX Runtime build has.
+    """Requested providers (or `preferred_providers`) in order, keeping those this ONNX Runtime build has.
 
     CPU is always appended last as the fallback ONNX Runtime needs for nodes other providers cannot run.
     """
-    wanted = list(requested) or list(PREFERRED_PROVIDERS)
+    wanted = list(requested) or list(preferred_providers(_installed_tensorrt()))
     chosen = [p for p in wanted if p in available]
     if "CPUExecutionProvider" not in chosen:
         chosen.append("CPUExecutionProvider")
@@ -74,7 +94,7 @@ def requested_provider(requested: Sequence[str], chosen: Sequence[str], *, gpu_e
     """The provider the backend asks for first: the first GPU one wanted when a GPU is expected (whether or not
     this ONNX Runtime build has it), else the first one `choose_providers` kept."""
     if gpu_expected:
-        gpu = [p for p in list(requested) or list(PREFERRED_PROVIDERS) if p in GPU_PROVIDERS]
+        gpu = [p for p in list(requested) or list(preferred_providers(_installed_tensorrt())) if p in GPU_PROVIDERS]
         if gpu:
             return gpu[0]
     return chosen[0]
