@@ -17,7 +17,7 @@ from tests.modelzoo import classifier_model
 from tests.operator.test_reconcile import FLEET, NOW, SETTINGS, cond, model, serve
 from tests.runtime.conftest import ServerFactory
 
-CPU, TRT = "CPUExecutionProvider", "TensorrtExecutionProvider"
+CPU, TRT, CUDA = "CPUExecutionProvider", "TensorrtExecutionProvider", "CUDAExecutionProvider"
 
 
 async def probe_until_known(probe: ProviderProbe, pods: list[dict[str, object]]) -> list[PodProvider]:
@@ -50,7 +50,8 @@ def test_the_operator_reads_a_real_runtime_on_cpu_and_stalls_the_model(tmp_path:
         providers = asyncio.run(read())
     finally:
         factory.cleanup()
-    assert providers == [PodProvider("clf-sm90-x", "sm90", CPU, TRT)]
+    # the runtime asks for CUDA first: no tensorrt is installed beside it here
+    assert providers == [PodProvider("clf-sm90-x", "sm90", CPU, CUDA)]
     assert enqueued == [("ns", "clf")]
 
     served, jobs, deployments = serve(model())
@@ -64,7 +65,7 @@ def test_the_operator_reads_a_real_runtime_on_cpu_and_stalls_the_model(tmp_path:
     )
     stalled = cond(after, "Stalled")
     assert (stalled["status"], stalled["reason"]) == ("True", "ServingOnCPU")
-    assert f"clf-sm90-x (sm90) computes on {CPU}, asked for {TRT}" in stalled["message"]
+    assert f"clf-sm90-x (sm90) computes on {CPU}, asked for {CUDA}" in stalled["message"]
     assert (cond(after, "Ready")["status"], cond(after, "Ready")["reason"]) == ("False", "ServingOnCPU")
     assert cond(after, "Reconciling")["status"] == "False"
     assert cond(after, "Serving")["status"] == "True"  # it still answers
