@@ -7,8 +7,10 @@
 # Python packages are exactly uv.lock's, as requirements/<image>.txt with hashes (`make lock` exports them).
 # WHEELS, when set, names a folder of those wheels mounted into the build: nothing is then fetched. Each stage
 # that installs declares it again: BuildKit hands a stage's ARGs to the stages built on it, buildah does not.
-# runtime-gpu starts from NVIDIA's TensorRT image and is not built on the project's machines (no GPU, no
-# registry); note that its requirement set still holds both onnxruntime and onnxruntime-gpu (issue 17).
+# runtime-gpu starts from NVIDIA's TensorRT image (CUDA 13 and cuDNN 9 in the system paths) and is not built on the
+# project's machines (no GPU, no registry); its requirement set is the `gpu` extra's: onnxruntime-gpu, never
+# onnxruntime too (issue 17). Each runtime stage runs the runtime's self-check, so an image holding two ONNX
+# Runtime distributions fails to build instead of serving on CPU.
 # Nothing writes at run time, so the root filesystem can be read-only: the wheels' .py files are compiled at
 # install, and ORT_DISABLE_TELEMETRY keeps ONNX Runtime from writing a device ID under $HOME at import.
 ARG BASE_IMAGE=python:3.11-slim
@@ -41,7 +43,8 @@ FROM base AS runtime
 ARG WHEELS
 RUN pip install --quiet ${WHEELS:+--no-index --find-links "$WHEELS"} --require-hashes --no-deps \
         -r requirements/runtime.txt \
- && pip install --quiet --no-index --no-deps --no-build-isolation . && rm -rf /src
+ && pip install --quiet --no-index --no-deps --no-build-isolation . && rm -rf /src \
+ && python -m modelfleet_runtime.selfcheck
 USER 65532:65532
 ENTRYPOINT ["modelfleet"]
 CMD ["serve", "--help"]
@@ -57,7 +60,8 @@ COPY requirements ./requirements
 COPY operator ./operator
 COPY runtime ./runtime
 RUN pip install --quiet --require-hashes --no-deps -r requirements/runtime-gpu.txt \
- && pip install --quiet --no-index --no-deps --no-build-isolation . && rm -rf /src
+ && pip install --quiet --no-index --no-deps --no-build-isolation . && rm -rf /src \
+ && python -m modelfleet_runtime.selfcheck
 USER 65532:65532
 ENTRYPOINT ["modelfleet"]
 CMD ["serve", "--help"]

@@ -14,7 +14,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml uv.lock | sha256sum | cut
 
 .DEFAULT_GOAL := help
 .PHONY: help install lock test-latest test lint unit e2e e2e-real demo manifests cluster-up cluster-down cluster-status \
-        cluster-kubeconfig images bench-runtime bench-build bench-int8 bench-autoscale bench-http bench-operator bench-robustness clean
+        cluster-kubeconfig images trt-bindings bench-runtime bench-build bench-int8 bench-precision bench-autoscale bench-http bench-operator bench-robustness clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -51,7 +51,10 @@ lint: $(STAMP) ## ruff, mypy, the import layers, and the lock against pyproject.
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
-unit: $(STAMP) ## fast tests (no cluster)
+trt-bindings: $(STAMP) ## the pinned TensorRT 10/11 and cuda-python binding wheels + stand-in libnvinfer (cached) for the API contract test
+	$(PY) -m tests.contract.environment
+
+unit: $(STAMP) trt-bindings ## fast tests (no cluster)
 	$(VENV)/bin/pytest -m "not e2e"
 
 e2e: $(STAMP) ## tests on the local cluster (starts it when it is not running), the operator as a process
@@ -60,7 +63,7 @@ e2e: $(STAMP) ## tests on the local cluster (starts it when it is not running), 
 e2e-real: $(STAMP) ## the project's images as real pods, the operator installed in the cluster by Helm
 	$(VENV)/bin/pytest -m realnode
 
-test: lint $(STAMP) ## everything: lint, unit and end-to-end tests (two sessions: one operator at a time)
+test: lint $(STAMP) trt-bindings ## everything: lint, unit and end-to-end tests (two sessions: one operator at a time)
 	$(VENV)/bin/pytest -m "not realnode"
 	$(VENV)/bin/pytest -m realnode
 
@@ -94,6 +97,9 @@ bench-build: $(BENCH_STAMP) ## engine build time and speed-up of the built artif
 
 bench-int8: $(BENCH_STAMP) ## INT8 quantization schemes: top-1 agreement and error on this CPU
 	$(PY) -m bench.bench_int8 --minilm $(BENCH_ARGS)
+
+bench-precision: $(BENCH_STAMP) ## fp16 / Q/DQ graphs of the precision step against ORT's own int8, on this CPU
+	$(PY) -m bench.bench_precision --minilm $(BENCH_ARGS)
 
 bench-autoscale: $(BENCH_STAMP) ## trace-driven simulator: ours against HPA and KPA
 	$(PY) -m bench.autoscale_sim $(BENCH_ARGS)

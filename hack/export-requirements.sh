@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 uv=${UV:-uv}
 check=false; [ "${1:-}" = "--check" ] && check=true
 status=0
-for image in operator:operator runtime:runtime runtime-gpu:runtime,gpu; do
+for image in operator:operator runtime:runtime runtime-gpu:gpu; do
   name=${image%%:*}; extras=${image#*:}
   args=(export --frozen --no-dev --no-emit-project --group build --format requirements-txt --quiet)
   for extra in ${extras//,/ }; do args+=(--extra "$extra"); done

@@ -345,11 +345,12 @@ class TensorRTOptions(_Spec):
 class OnnxRuntimeOptions(_Spec):
     """Knobs of the ONNX Runtime path; ignored on the TensorRT path."""
 
-    quantization: Literal["dynamic", "static"] = Field(
+    quantization: Literal["dynamic", "static", "qdq"] = Field(
         "dynamic",
         description="How precision int8 quantizes on the ONNX Runtime path: dynamic (int8 weights,"
-        " activation ranges at run time; best for MatMul-heavy models on CPU, needs no data) or static"
-        " (QDQ, calibrated on the calibration data, which it then requires).",
+        " activation ranges at run time; best for MatMul-heavy models on CPU, needs no data), static"
+        " (QDQ u8u8, calibrated on the calibration data, which it then requires) or qdq (the symmetric Q/DQ"
+        " model the TensorRT path compiles, served as it is; needs calibration data).",
     )
 
 
@@ -367,14 +368,14 @@ FP8_BACKEND = CelRule(
     field_path=".precision",
 )
 STATIC_NEEDS_CALIBRATION = CelRule(
-    rule=f"self.onnxruntime.quantization != 'static' || {_set('self.calibration')}",
-    message="onnxruntime.quantization static needs calibration data (engine.calibration)",
+    rule=f"!(self.onnxruntime.quantization in ['static', 'qdq']) || {_set('self.calibration')}",
+    message="onnxruntime.quantization static and qdq need calibration data (engine.calibration)",
     field_path=".calibration",
     reason="FieldValueRequired",
 )
 CALIBRATION_INT8 = CelRule(
-    rule=f"{_unset('self.calibration')} || self.precision == 'int8'",
-    message="calibration is used only with precision int8",
+    rule=f"{_unset('self.calibration')} || self.precision in ['int8', 'fp8']",
+    message="calibration is used only with precision int8 or fp8",
     field_path=".calibration",
     reason="FieldValueForbidden",
 )
@@ -401,10 +402,11 @@ class EngineSpec(_Spec):
     )
     precision: Literal["fp32", "fp16", "int8", "fp8"] = Field(
         "fp16",
-        description="Numeric precision of the engine. fp16 (default) runs on the tensor cores of every"
-        " supported GPU; int8 uses calibration data or a Q/DQ model; fp8 needs sm89 or newer. The"
-        " accuracy gate checks the result; the ONNX Runtime path keeps fp32 where it cannot do fp16 and"
-        " reports the effective precision in status.",
+        description="Numeric precision of the engine, put into the model once before any architecture's"
+        " build (fp16 weights, or Q/DQ nodes) and compiled as a strongly typed TensorRT network. fp16"
+        " (default) runs on the tensor cores of every supported GPU; int8 and fp8 use calibration data or a"
+        " Q/DQ model; fp8 needs sm89 or newer. The accuracy gate checks the result; CPU artifacts stay fp32"
+        " for fp16 and the effective precision is reported in status.",
     )
     batch: BatchProfile = _nested(BatchProfile, "Optimization profile on the batch axis: min <= opt <= max.")
     shapes: dict[str, ShapeRange] = Field(
@@ -415,8 +417,8 @@ class EngineSpec(_Spec):
     )
     calibration: ArtifactSource | None = Field(
         None,
-        description="INT8 calibration data: an .npz with one array per model input, [samples, ...]. Only"
-        " with precision int8; models with Q/DQ nodes need none.",
+        description="Calibration data for the Q/DQ ranges: an .npz with one array per model input,"
+        " [samples, ...]. Only with precision int8 or fp8; models with Q/DQ nodes need none.",
     )
     accuracy: AccuracyGate = _nested(
         AccuracyGate, "Accuracy gate: an engine that misses it fails its build and is never served."
@@ -441,9 +443,9 @@ class EngineSpec(_Spec):
             _fail(FP8_ARCHITECTURES)
         if self.precision == "fp8" and self.backend == "onnxruntime":
             _fail(FP8_BACKEND)
-        if self.calibration is not None and self.precision != "int8":
+        if self.calibration is not None and self.precision not in ("int8", "fp8"):
             _fail(CALIBRATION_INT8)
-        if self.onnxruntime.quantization == "static" and self.calibration is None:
+        if self.onnxruntime.quantization in ("static", "qdq") and self.calibration is None:
             _fail(STATIC_NEEDS_CALIBRATION)
         return self
 

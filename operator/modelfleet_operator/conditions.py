@@ -11,6 +11,8 @@ them) and back the chart's Argo CD health check:
 - `Stalled` (abnormal-true): the current generation cannot go live without a change: a build failed
   (builds are deterministic and never retried for the same inputs), or no eligible node (kstatus: Failed).
   Stalled and Reconciling are never True together.
+  A serving pod of a GPU architecture whose runtime computes on the CPU is Stalled too (ServingOnCPU): it
+  answers, but not as asked, and only a change (the image, the node's driver) fixes it.
 - `Serving` (normal-true, informational): some version answers requests; its reason says which
   (CurrentGeneration or PreviousVersion) and its message names the architectures and engine keys, so a
   failed update reads "the previous version serves" without hiding the failure.
@@ -75,6 +77,7 @@ class Facts:
     unschedulable: Sequence[str] = ()  # "insufficient nvidia.com/gpu on sm90 (build pod ...)"
     capacity: Capacity | None = None  # None: GPUs do not limit this model
     was_ready: bool = False  # Ready was True for this same generation
+    on_cpu: Sequence[str] = ()  # "clf-sm90-x (sm90) computes on CPUExecutionProvider, asked for ..."
 
 
 def _annotation(dep: Mapping[str, Any], name: str) -> str:
@@ -163,6 +166,12 @@ def stalled(facts: Facts) -> Verdict:
             f" ({cap.resource}); {cap.placed} placed"
         )
         return Verdict(STALLED, True, "InsufficientCapacity", why)
+    if facts.on_cpu:
+        why = (
+            f"GPU serving pods compute on the CPU: {'; '.join(facts.on_cpu)}. The image's ONNX Runtime is not the "
+            "GPU build (onnxruntime-gpu), or its CUDA libraries did not load: the pod's log says which"
+        )
+        return Verdict(STALLED, True, "ServingOnCPU", why)
     return Verdict(STALLED, False, "NotStalled", "nothing blocks the current generation")
 
 

@@ -18,6 +18,7 @@ from modelfleet_operator.k8s import ApiError, Kube, NamespaceTerminating, contai
 from modelfleet_operator.logs import ObjectLogger, for_object
 from modelfleet_operator.metrics import OperatorMetrics
 from modelfleet_operator.placement import NodeInfo
+from modelfleet_operator.providers import ProviderProbe
 from modelfleet_operator.reconcile import Observed, Plan, jobs_awaiting_results, parse_termination_message, plan
 from modelfleet_operator.resources import ANNOTATION_ENGINE_KEY
 from modelfleet_operator.settings import OperatorSettings
@@ -83,6 +84,8 @@ class Controller:
         self.metrics: OperatorMetrics = kube.metrics
         self._added_at: dict[Key, float] = {}
         self._failures: dict[Key, int] = {}
+        # What each Ready GPU serving pod computes on, read once from its /metrics (a CPU fallback is Stalled).
+        self.providers = ProviderProbe(on_result=self.enqueue, port=settings.serving_port)
 
     def bind(self, **indices: Index) -> None:
         """Keep the live kopf indices (they are complete before any handler runs)."""
@@ -137,6 +140,7 @@ class Controller:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.autoscaler.close()
+        await self.providers.close()
 
     async def _resync(self) -> None:
         while True:
@@ -285,6 +289,7 @@ class Controller:
             build_results=results,
             autoscaled_replicas=self.autoscaled.get(key),
             autoscaler_status=self.autoscaler_status.get(key),
+            providers=self.providers.observe(key, name, list(self.pods.get(key, ()) if self.pods is not None else ())),
         )
         decided = plan(im, observed, settings=self.settings, now=self.clock().replace(microsecond=0))
         current = {

@@ -25,7 +25,14 @@ def serving_pod(name: str, meta: kopf.Meta, status: kopf.Status) -> dict[str, An
     created, became_ready = meta.get("creationTimestamp"), ready.get("lastTransitionTime")
     if is_ready and created and became_ready:
         startup = (_parse_time(became_ready) - _parse_time(created)).total_seconds()
-    return {"name": name, "ready": is_ready, "ip": status.get("podIP"), "startup": startup}
+    architecture = (meta.get("labels") or {}).get(LABEL_ARCH, "")
+    return {
+        "name": name,
+        "ready": is_ready,
+        "ip": status.get("podIP"),
+        "startup": startup,
+        "architecture": architecture,
+    }
 
 
 def _parse_time(value: str) -> datetime:

@@ -20,6 +20,7 @@ from modelfleet_operator.autoscaler.algorithm import ArchitectureShare, split_ac
 from modelfleet_operator.capacity import GpuPod, OwnPod, Room, room, unschedulable_reasons
 from modelfleet_operator.conditions import READY, SERVING, STALLED, Architecture, Capacity, Facts, decide
 from modelfleet_operator.placement import NodeInfo, discover
+from modelfleet_operator.providers import PodProvider
 from modelfleet_operator.resources import (
     ANNOTATION_BUILD_ID,
     ANNOTATION_ENGINE_KEY,
@@ -60,6 +61,8 @@ class Observed:
     pods: Sequence[OwnPod] = ()
     # The claims of the model's namespace by name, with their phase; None: not known, nothing is judged.
     claims: Mapping[str, str] | None = None
+    # What the Ready GPU serving pods compute on (modelfleet_operator.providers), as far as known.
+    providers: Sequence[PodProvider] = ()
 
 
 @dataclass(frozen=True)
@@ -460,6 +463,7 @@ def _status(
         unschedulable=unschedulable_reasons(observed.pods),
         capacity=capacity,
         was_ready=READY in previous and previous[READY].status == "True",
+        on_cpu=[p.describe() for p in observed.providers if p.on_cpu],
     )
     conditions = [_condition(previous, v.type, v.ok, v.reason, v.message, generation, now) for v in decide(facts)]
 

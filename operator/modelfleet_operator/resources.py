@@ -392,10 +392,12 @@ def build_drain_grace(settings: OperatorSettings) -> int:
     return max(1, grace - min(EXIT_MARGIN_SECONDS, grace // 2))
 
 
-def runtime_env(spec: InferenceModelSpec, settings: OperatorSettings) -> list[dict[str, str]]:
-    """Serving settings for `modelfleet serve`, as its MODELFLEET_ environment."""
+def runtime_env(spec: InferenceModelSpec, settings: OperatorSettings, arch: str | None = None) -> list[dict[str, str]]:
+    """Serving settings for `modelfleet serve`, as its MODELFLEET_ environment; MODELFLEET_ARCHITECTURE tells the
+    runtime whether it should compute on a GPU (smXY), so it reports a CPU fallback."""
     b = spec.serving.batching
     env = {
+        **({"MODELFLEET_ARCHITECTURE": arch} if arch else {}),
         "MODELFLEET_DRAIN_GRACE_SECONDS": build_drain_grace(settings),
         "MODELFLEET_MAX_BATCH_SIZE": b.max_batch_size if b.max_batch_size is not None else spec.engine.batch.max,
         "MODELFLEET_MAX_QUEUE_DELAY_MICROSECONDS": b.max_queue_delay_microseconds,
@@ -441,7 +443,7 @@ def build_deployment(
             "--http-port",
             str(port),
         ],
-        "env": runtime_env(spec, settings),
+        "env": runtime_env(spec, settings, arch),
         "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
         "resources": resources,
         "securityContext": dict(CONTAINER_SECURITY),

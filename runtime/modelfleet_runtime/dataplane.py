@@ -22,7 +22,7 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
-from modelfleet_runtime.backends.base import Backend, build_warmup_inputs
+from modelfleet_runtime.backends.base import Backend, ExecutionProvider, build_warmup_inputs
 from modelfleet_runtime.batcher import Batcher, BatcherConfig
 from modelfleet_runtime.batching import (
     ModelSignature,
@@ -121,6 +121,7 @@ class DataPlane:
         self._stopping = False
         self.failure: str | None = None
         metrics.track(queue_depth=self._queue_depth, inflight=lambda: self._inflight)
+        metrics.track_provider(self.execution_provider)
 
     # --- lifecycle -----------------------------------------------------------------------------------------
 
@@ -136,6 +137,10 @@ class DataPlane:
     def loading_now(self) -> bool:
         """A model load or warm-up run is still executing in the loader thread."""
         return self._loading_now
+
+    def execution_provider(self) -> ExecutionProvider | None:
+        """What the loaded model computes on; None before it is loaded."""
+        return self._backend.execution_provider if self._backend is not None else None
 
     def _queue_depth(self) -> int:
         return self._batcher.queue_depth if self._batcher else 0
@@ -207,11 +212,12 @@ class DataPlane:
         if self._state is State.LOADING:
             self._state = State.READY
         log.info(
-            "model %s ready in %.1fs: %s, max batch %d, warmed batch sizes %s; a full batch computes in "
+            "model %s ready in %.1fs: %s on %s, max batch %d, warmed batch sizes %s; a full batch computes in "
             "%.0f us, so batches run %s",
             settings.name,
             time.perf_counter() - began,
             self._platform,
+            backend.execution_provider.active,
             limit if batched else 0,
             sizes if batched else [1],
             compute_s * 1e6,
@@ -279,6 +285,8 @@ class DataPlane:
             "platform": self._platform,
             "inputs": [spec.metadata() for spec in sig.inputs],
             "outputs": [spec.metadata() for spec in sig.outputs],
+            # An extension field: tritonclient hands the metadata JSON back as a dict, other keys untouched.
+            "parameters": provider.parameters() if (provider := self.execution_provider()) is not None else {},
         }
 
     def model_config(self, name: str, version: str | None) -> dict[str, Any]:

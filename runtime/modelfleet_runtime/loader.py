@@ -45,6 +45,7 @@ class ModelSource:
     key: str | None = None
     batch: BatchProfile | None = None
     opt_shapes: Mapping[str, Sequence[int]] = field(default_factory=dict)
+    architecture: str | None = None  # what the store entry was built for (smXY or cpu)
 
 
 def _profile(raw: Any) -> BatchProfile | None:
@@ -124,7 +125,13 @@ def build_model_source(path: Path) -> ModelSource:
         key=manifest.get("key") if isinstance(manifest.get("key"), str) else None,
         batch=_profile(options.get("batch")),
         opt_shapes=opt_shapes,
+        architecture=manifest.get("architecture") if isinstance(manifest.get("architecture"), str) else None,
     )
+
+
+def gpu_expected(settings: ServeSettings, source: ModelSource) -> bool:
+    """Whether this pod should compute on a GPU: its architecture (the setting, else the store's) is smXY."""
+    return (settings.architecture or source.architecture or "").startswith("sm")
 
 
 def file_sha256(path: Path) -> str:
@@ -175,5 +182,6 @@ def load_backend(source: ModelSource, settings: ServeSettings) -> Backend:
             optimization_level=settings.graph_optimization_level,
             providers=tuple(settings.providers),
             io_binding=settings.io_binding,
+            gpu_expected=gpu_expected(settings, source),
         ),
     )

@@ -19,6 +19,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
+from modelfleet_runtime.backends.base import ExecutionProvider
 from modelfleet_runtime.batcher import BatchObserver
 
 # rejected_memory: the in-flight body budget was full; cancelled: the client went before its answer.
@@ -107,6 +108,7 @@ class Metrics(BatchObserver, Collector):
         self.batch = Histogram(BATCH_BUCKETS)
         self._queue_depth: Callable[[], float] = lambda: 0
         self._inflight: Callable[[], float] = lambda: 0
+        self._provider: Callable[[], ExecutionProvider | None] = lambda: None
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
 
@@ -114,6 +116,10 @@ class Metrics(BatchObserver, Collector):
         """Gauges read the live objects at scrape time instead of being updated per request."""
         self._queue_depth = queue_depth
         self._inflight = inflight
+
+    def track_provider(self, provider: Callable[[], ExecutionProvider | None]) -> None:
+        """The execution provider, read at scrape time (None until the model is loaded)."""
+        self._provider = provider
 
     def request_done(self, outcome: str, seconds: float | None) -> None:
         """Count one request; `seconds` is given for requests admitted to the queue."""
@@ -169,6 +175,16 @@ class Metrics(BatchObserver, Collector):
         )
         inflight.add_metric([model], self._inflight())
         yield inflight
+        provider = self._provider()
+        if provider is not None:
+            info = GaugeMetricFamily(
+                "modelfleet_execution_provider_info",
+                "1 for the execution provider the model computes on (provider) and the one asked for first "
+                "(requested); CPUExecutionProvider on a GPU architecture is a pod serving on CPU.",
+                labels=["model", "provider", "requested"],
+            )
+            info.add_metric([model, provider.active, provider.requested], 1)
+            yield info
 
     def render(self) -> bytes:
         data: bytes = generate_latest(self.registry)

@@ -43,6 +43,7 @@ from modelfleet_runtime.connection import WATCH_KEY, ConnectionLimits, Connectio
 from modelfleet_runtime.dataplane import ClientGone, DataPlane, State, clip
 from modelfleet_runtime.metrics import OUTCOMES, Metrics
 from modelfleet_runtime.protocol import InferenceError, InvalidInput, PayloadTooLarge, error_body
+from modelfleet_runtime.selfcheck import ConflictingDistributions, check_onnxruntime
 from modelfleet_runtime.settings import ServeSettings
 
 log = logging.getLogger("modelfleet.serve")
@@ -395,6 +396,7 @@ def create_app() -> AsgiApp:
     """ASGI factory for `uvicorn --factory` / `granian --factory`: settings from MODELFLEET_* env only."""
     settings = ServeSettings()  # model and name come from the environment
     configure_logging(settings.log_level)
+    check_onnxruntime()
     return build_app(settings)[0]
 
 
@@ -651,6 +653,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"modelfleet serve: invalid settings\n{exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
+    try:
+        check_onnxruntime()
+    except ConflictingDistributions as exc:
+        log.error("refusing to serve: %s", exc)
+        return 2
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a runtime dependency on Linux

@@ -187,6 +187,14 @@ class ServeSettings(BaseSettings):
         description="ONNX Runtime execution providers to try, in order; empty = TensorRT, CUDA, CPU, taking "
         "those this build of ONNX Runtime has.",
     )
+    architecture: str = Field(
+        default="",
+        pattern=r"^(|cpu|sm\d{2,3})$",
+        description="The architecture this pod serves (smXY or cpu; the operator sets it). smXY means a GPU is "
+        "expected: ONNX Runtime computing on its CPU provider is then reported as a fault (a WARNING log line, "
+        "the modelfleet_execution_provider_info metric, the model metadata). Empty = the engine-store "
+        "manifest's architecture (none for a bare .onnx file).",
+    )
     io_binding: Literal["auto", "on", "off"] = Field(
         default="auto",
         description="ONNX Runtime I/O binding: auto = on when the first provider is a GPU one.",

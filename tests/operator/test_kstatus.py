@@ -22,6 +22,7 @@ from modelfleet_operator import crdgen
 from modelfleet_operator.api import InferenceModel
 from modelfleet_operator.capacity import OwnPod
 from modelfleet_operator.placement import NodeInfo
+from modelfleet_operator.providers import PodProvider
 from modelfleet_operator.reconcile import Observed, plan
 from tests.operator.test_reconcile import (
     FLEET,
@@ -111,6 +112,11 @@ def lifecycle() -> Iterator[tuple[str, dict[str, Any]]]:
     no_claim = plan(fresh, Observed(nodes=FLEET, claims={"models": "Bound"}), settings=SETTINGS, now=NOW)
     yield "engine store claim missing", body(fresh, no_claim.status)
 
+    on_cpu = [PodProvider("clf-sm90-7d9f-x", "sm90", "CPUExecutionProvider", "TensorrtExecutionProvider")]
+    degraded = plan(served, Observed(nodes=FLEET, jobs=jobs, deployments=deployments, providers=on_cpu),
+                    settings=SETTINGS, now=NOW)  # fmt: skip
+    yield "a GPU serving pod computes on the CPU", body(served, degraded.status)
+
     yield "deleting", body(served, old_status, deletionTimestamp="2026-11-21T10:00:00Z")
 
 
@@ -127,6 +133,7 @@ EXPECTED = {
     "a build waits for a free GPU": ("InProgress", "Progressing"),
     "more replicas than the fleet can hold": ("Failed", "Degraded"),
     "engine store claim missing": ("Failed", "Degraded"),
+    "a GPU serving pod computes on the CPU": ("Failed", "Degraded"),
     "deleting": ("Terminating", "Progressing"),
 }
 STATES = dict(lifecycle())

@@ -123,8 +123,10 @@ def test_tensorrt_precision_refusals(tmp_path: Path) -> None:
     spec = validate_model(classifier_model(tmp_path / "c.onnx"), options=BuildOptions())
     with pytest.raises(Unsupported, match="sm89"):
         check_precision(spec=spec, options=BuildOptions(precision="fp8"), architecture="sm80")
-    with pytest.raises(Unsupported, match="FP8 Q/DQ"):
+    with pytest.raises(Unsupported, match=r"fp8 on tensorrt needs --calibration data \(for its Q/DQ ranges\)"):
         check_precision(spec=spec, options=BuildOptions(precision="fp8"), architecture="sm90")
+    fp8_calibrated = BuildOptions(precision="fp8", calibration=Calibration(path="c.npz"))
+    check_precision(spec=spec, options=fp8_calibrated, architecture="sm90")  # accepted: precision.py adds FP8 Q/DQ
     with pytest.raises(Unsupported, match="--calibration"):
         check_precision(spec=spec, options=BuildOptions(precision="int8"), architecture="sm80")
     with pytest.raises(Unsupported, match="GPU architecture"):

@@ -32,6 +32,35 @@ class TensorSpec:
         return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
 
 
+CPU_PROVIDER = "CPUExecutionProvider"
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutionProvider:
+    """What a backend computes on (`active`) and what it asked for first (`requested`).
+
+    ONNX Runtime names its providers (`CUDAExecutionProvider`, ...); the native TensorRT backend reports
+    `TensorRT` for both. `gpu_expected` is whether this pod should compute on a GPU (see `ServeSettings.
+    architecture`): then `active` being the CPU provider is the fault the operator reports as ServingOnCPU.
+    """
+
+    active: str
+    requested: str
+    gpu_expected: bool = False
+
+    @property
+    def on_cpu(self) -> bool:
+        return self.active == CPU_PROVIDER
+
+    def parameters(self) -> dict[str, Any]:
+        """The OIP `parameters` of the model metadata that carry it."""
+        return {
+            "execution_provider": self.active,
+            "requested_execution_provider": self.requested,
+            "gpu_expected": self.gpu_expected,
+        }
+
+
 class Backend(Protocol):
     """Runs a model on a dict of NumPy arrays; `infer` runs in executor threads, one per instance."""
 
@@ -49,6 +78,11 @@ class Backend(Protocol):
     @property
     def max_batch_size(self) -> int | None:
         """The largest batch the model can take (e.g. a TensorRT profile max), or None when unbounded."""
+        ...
+
+    @property
+    def execution_provider(self) -> ExecutionProvider:
+        """What it computes on now (ONNX Runtime may fall back to another provider while it runs)."""
         ...
 
     def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...

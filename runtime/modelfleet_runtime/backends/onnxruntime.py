@@ -1,4 +1,4 @@
-"""ONNX Runtime backend: providers tried in the order TensorRT, CUDA, CPU, with tuned session options.
+"""ONNX Runtime backend: providers tried in the order TensorRT (beside TensorRT 10), CUDA, CPU, tuned options.
 
 Two things ONNX Runtime's Python API does not do for us: string tensors go in as `str` (it turns `bytes`
 into their repr, and takes no byte strings at all, so BYTES elements must be UTF-8), and its errors say
@@ -18,12 +18,14 @@ from typing import Any
 
 import numpy as np
 
-from modelfleet_runtime.backends.base import TensorSpec, run_warmup
+from modelfleet_runtime.backends.base import CPU_PROVIDER, ExecutionProvider, TensorSpec, run_warmup
 from modelfleet_runtime.protocol import InvalidInput
 
 log = logging.getLogger(__name__)
 
-PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", CPU_PROVIDER)
+# ONNX Runtime's TensorRT provider links libnvinfer.so.10 (every onnxruntime-gpu up to 1.31 at least).
+ORT_TENSORRT_MAJOR = 10
 GPU_PROVIDERS = frozenset({"TensorrtExecutionProvider", "CUDAExecutionProvider"})
 
 # ONNX Runtime type strings ("tensor(float)") to OIP datatypes.
@@ -55,18 +57,94 @@ class OrtOptions:
     providers: tuple[str, ...] = ()
     io_binding: str = "auto"
     provider_options: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    gpu_expected: bool = False  # the pod serves a GPU architecture: a CPU provider is then a fault
+
+
+def preferred_providers(tensorrt_version: str | None) -> tuple[str, ...]:
+    """The default order: TensorRT, CUDA, CPU; TensorRT only beside the TensorRT major ONNX Runtime's provider
+    loads (it cannot load beside TensorRT 11, and would only log an error block on every session)."""
+    major = (tensorrt_version or "").split(".")[0]
+    if major.isdigit() and int(major) == ORT_TENSORRT_MAJOR:
+        return PREFERRED_PROVIDERS
+    return tuple(p for p in PREFERRED_PROVIDERS if p != "TensorrtExecutionProvider")
+
+
+def _installed_tensorrt() -> str | None:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("tensorrt")
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def choose_providers(available: Sequence[str], requested: Sequence[str] = ()) -> list[str]:
-    """Requested providers (or TensorRT, CUDA, CPU) in order, keeping those this ONNX Runtime build has.
+    """Requested providers (or `preferred_providers`) in order, keeping those this ONNX Runtime build has.
 
     CPU is always appended last as the fallback ONNX Runtime needs for nodes other providers cannot run.
     """
-    wanted = list(requested) or list(PREFERRED_PROVIDERS)
+    wanted = list(requested) or list(preferred_providers(_installed_tensorrt()))
     chosen = [p for p in wanted if p in available]
     if "CPUExecutionProvider" not in chosen:
         chosen.append("CPUExecutionProvider")
     return chosen
+
+
+def requested_provider(requested: Sequence[str], chosen: Sequence[str], *, gpu_expected: bool) -> str:
+    """The provider the backend asks for first: the first GPU one wanted when a GPU is expected (whether or not
+    this ONNX Runtime build has it), else the first one `choose_providers` kept."""
+    if gpu_expected:
+        gpu = [p for p in list(requested) or list(preferred_providers(_installed_tensorrt())) if p in GPU_PROVIDERS]
+        if gpu:
+            return gpu[0]
+    return chosen[0]
+
+
+def wants_gpu(options: OrtOptions, available: Sequence[str]) -> bool:
+    """A GPU provider is expected, asked for by name, or offered by this ONNX Runtime build."""
+    return options.gpu_expected or any(p in GPU_PROVIDERS for p in (*options.providers, *available))
+
+
+def preload_gpu_libraries(ort: Any) -> str:
+    """Call `onnxruntime.preload_dlls()` (ORT >= 1.21), which loads the CUDA and cuDNN libraries of the nvidia-*
+    pip wheels, which the providers' own loader does not search; returns how it went. Never raises."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        log.warning("onnxruntime %s has no preload_dlls() (ORT >= 1.21 has it)", getattr(ort, "__version__", "?"))
+        return "unavailable"
+    try:
+        preload()
+    except Exception as exc:
+        log.warning("onnxruntime.preload_dlls() failed, the GPU providers may not load: %s", exc)
+        return f"failed: {exc}"
+    return "ran"
+
+
+def fallback_message(ep: ExecutionProvider, *, available: Sequence[str], build: str, preload: str) -> str | None:
+    """The warning when the first GPU provider asked for is not the one computing, or None."""
+    if ep.requested not in GPU_PROVIDERS or ep.active == ep.requested:
+        return None
+    if ep.requested not in available:
+        why = (
+            f"this ONNX Runtime ({build}) has no {ep.requested}, only {', '.join(available)}: "
+            "install modelfleet's `gpu` extra (onnxruntime-gpu) and not onnxruntime"
+        )
+    else:
+        why = (
+            f"{build} has it but it did not load (its CUDA, cuDNN or TensorRT libraries are missing or of another "
+            f"major version: see ONNX Runtime's own log above; preload_dlls: {preload})"
+        )
+    return f"serving on {ep.active}; asked for {ep.requested}: {why}"
+
+
+def _build_name(ort: Any) -> str:
+    try:
+        from onnxruntime.capi import build_and_package_info as info
+
+        name = str(info.package_name)
+    except (ImportError, AttributeError):
+        name = "onnxruntime"
+    return f"{name} {getattr(ort, '__version__', '?')}"
 
 
 def _dim(value: Any) -> int:
@@ -179,10 +257,20 @@ class OnnxRuntimeBackend:
         opts.add_session_config_entry("session.inter_op.allow_spinning", spin)
         opts.log_severity_level = 3
 
-        providers = choose_providers(ort.get_available_providers(), self._options.providers)
+        available = list(ort.get_available_providers())
+        providers = choose_providers(available, self._options.providers)
+        preload = preload_gpu_libraries(ort) if wants_gpu(self._options, available) else "not needed"
         provider_args = [(p, dict(self._options.provider_options.get(p, {}))) for p in providers]
         self._session = ort.InferenceSession(str(path), sess_options=opts, providers=provider_args)
         self.providers: list[str] = list(self._session.get_providers())
+        self._requested = requested_provider(
+            self._options.providers, providers, gpu_expected=self._options.gpu_expected
+        )
+        warning = fallback_message(
+            self.execution_provider, available=available, build=_build_name(ort), preload=preload
+        )
+        if warning is not None:
+            log.warning("%s", warning)
         self._inputs = tuple(_spec(n) for n in self._session.get_inputs())
         self._outputs = tuple(_spec(n) for n in self._session.get_outputs())
         self._output_names = [s.name for s in self._outputs]
@@ -212,6 +300,12 @@ class OnnxRuntimeBackend:
     @property
     def max_batch_size(self) -> int | None:
         return None
+
+    @property
+    def execution_provider(self) -> ExecutionProvider:
+        # Read each time: ONNX Runtime's run() may switch a session to its fallback providers after an EP failure.
+        active = next(iter(self._session.get_providers()), CPU_PROVIDER)
+        return ExecutionProvider(active=active, requested=self._requested, gpu_expected=self._options.gpu_expected)
 
     def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         feeds = {n: to_ort_strings(n, a) if n in self._strings else a for n, a in inputs.items()}

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from modelfleet_runtime.backends.base import TensorSpec, run_warmup
+from modelfleet_runtime.backends.base import ExecutionProvider, TensorSpec, run_warmup
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +40,9 @@ TRT_TYPES = {
 
 
 def _cudart() -> Any:
-    try:
-        from cuda.bindings import runtime as cudart
-    except ImportError:
-        from cuda import cudart  # cuda-python < 12.6 layout
-    return cudart
+    from modelfleet_runtime.cuda import cudart
+
+    return cudart()
 
 
 def _check(result: Any) -> Any:
@@ -147,6 +145,10 @@ class TensorRTBackend:
     @property
     def max_batch_size(self) -> int | None:
         return self._profile_max_batch
+
+    @property
+    def execution_provider(self) -> ExecutionProvider:
+        return ExecutionProvider(active="TensorRT", requested="TensorRT", gpu_expected=True)
 
     def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         cudart = self._cudart

@@ -41,17 +41,19 @@ from modelfleet_runtime.build.options import (
     add_option_arguments,
     options_from_namespace,
 )
+from modelfleet_runtime.selfcheck import ConflictingDistributions, check_onnxruntime
 
 if TYPE_CHECKING:
-    from modelfleet_runtime.build.accuracy import Runner
+    from modelfleet_runtime.build.accuracy import Feeds, Runner
     from modelfleet_runtime.build.labeled import EvaluationReport, LabeledSet
+    from modelfleet_runtime.build.precision import Prepared
     from modelfleet_runtime.build.validate import ModelSpec, TensorSpec
 
 log = logging.getLogger("modelfleet.build")
 
 DEFAULT_TERMINATION_LOG = Path("/dev/termination-log")
 TERMINATION_LIMIT = 4096  # bytes Kubernetes keeps of a termination message
-STEPS = ("resolve", "fetch", "cache", "validate", "build", "accuracy", "publish")
+STEPS = ("resolve", "fetch", "cache", "validate", "prepare", "build", "accuracy", "publish")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,20 +109,9 @@ def detect_gpu_architecture() -> str | None:
 
 
 def _cuda_python_architecture() -> str | None:
-    if importlib.util.find_spec("cuda") is None:
-        return None
-    try:
-        from cuda import cudart  # type: ignore[attr-defined,unused-ignore]
+    from modelfleet_runtime.cuda import device_architecture
 
-        err, count = cudart.cudaGetDeviceCount()
-        if err != cudart.cudaError_t.cudaSuccess or count < 1:
-            return None
-        attr = cudart.cudaDeviceAttr
-        _, major = cudart.cudaDeviceGetAttribute(attr.cudaDevAttrComputeCapabilityMajor, 0)
-        _, minor = cudart.cudaDeviceGetAttribute(attr.cudaDevAttrComputeCapabilityMinor, 0)
-        return f"sm{major}{minor}"
-    except Exception:  # no driver, or an unexpected cuda-python layout: treat as no GPU
-        return None
+    return device_architecture()
 
 
 def resolve_architecture(flag: str | None, detected: str | None) -> str:
@@ -331,6 +322,10 @@ def run(request: Request, result: Result) -> None:
     store = request.store
 
     with progress.step("resolve") as notes:
+        try:
+            check_onnxruntime()
+        except ConflictingDistributions as exc:
+            raise Unsupported(f"this image cannot build: {exc}") from None
         detected = detect_gpu_architecture()
         architecture = resolve_architecture(request.architecture_flag, detected)
         backend = resolve_backend(options, architecture=architecture, gpu_present=detected is not None)
@@ -425,6 +420,14 @@ def _build_and_publish(
             + ("; Q/DQ model" if spec.has_qdq else "")
         )
 
+    with progress.step("prepare") as notes:
+        prepared = _prepare(
+            options, spec=spec, architecture=architecture, model_path=model_path, model_digest=model_digest,
+            store=store, workdir=workdir, calibration=calibration,
+        )  # fmt: skip
+        result.extra.update(prepared.as_details())
+        notes.append(_prepared_note(prepared))
+
     staging = store_mod.make_staging(store, key)
     try:
         with progress.step("build") as notes:
@@ -433,18 +436,18 @@ def _build_and_publish(
                 from modelfleet_runtime.build import trt
 
                 built = trt.build_tensorrt(
-                    model_path=model_path,
                     spec=spec,
                     options=options,
                     architecture=architecture,
                     out_dir=staging,
                     store=store,
-                    calibration=calibration,
+                    prepared=prepared,
                 )
                 candidate = trt.engine_runner(built.artifact)
             else:
                 built = ort.build_onnxruntime(
                     model_path=model_path,
+                    prepared=prepared.path,
                     spec=spec,
                     options=options,
                     architecture=architecture,
@@ -502,7 +505,7 @@ def _build_and_publish(
                     **outcome.report.as_dict(camel=False),
                     **({} if labeled is None else {"evaluation": labeled.as_dict(camel=False)}),
                 },
-                details=built.details,
+                details={**built.details, **prepared.as_details()},
                 versions=package_versions(),
                 created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             )
@@ -526,7 +529,7 @@ def _fill_from_manifest(result: Result, manifest: dict[str, Any]) -> None:
     result.effective_precision = precision.get("effective")
     result.build_seconds = manifest.get("build_seconds")
     details = manifest.get("details") or {}
-    result.extra.update({k: details[k] for k in ("cpuInt8Kernel", "int8Portable") if k in details})
+    result.extra.update({k: details[k] for k in ("cpuInt8Kernel", "int8Portable", "prepared") if k in details})
     figures = manifest.get("accuracy") or {}
     result.accuracy = {
         "samples": figures.get("samples"),
@@ -585,6 +588,50 @@ def _labeled_gate(
         batch=options.batch,
         max_accuracy_drop=options.accuracy.max_accuracy_drop,
     )
+
+
+def prepares(options: BuildOptions, *, architecture: str) -> bool:
+    """Whether this build compiles build/precision.py's model: TensorRT at every precision but fp32; ONNX
+    Runtime for fp16 on a GPU target and for int8 with the `qdq` method."""
+    if options.precision == "fp32":
+        return False
+    if options.backend == "tensorrt":
+        return True
+    if options.precision == "fp16":
+        return architecture != "cpu"
+    return options.precision == "int8" and options.onnxruntime.quantization == "qdq"
+
+
+def _prepare(
+    options: BuildOptions,
+    *,
+    spec: ModelSpec,
+    architecture: str,
+    model_path: Path,
+    model_digest: str,
+    store: Path,
+    workdir: Path,
+    calibration: Feeds | None,
+) -> Prepared:
+    from modelfleet_runtime.build import precision
+
+    if not prepares(options, architecture=architecture):
+        return precision.Prepared(path=model_path)
+    if options.backend == "tensorrt":
+        from modelfleet_runtime.build import trt
+
+        trt.check_precision(spec=spec, options=options, architecture=architecture)  # before any work
+    return precision.prepare(
+        model_path=model_path, model_digest=model_digest, spec=spec, options=options, store=store,
+        workdir=workdir, calibration=calibration,
+    )  # fmt: skip
+
+
+def _prepared_note(prepared: Prepared) -> str:
+    if prepared.key is None:
+        return "the model as it is"
+    state = "cache hit" if prepared.cache_hit else "made and gated on the CPU"
+    return f"{(prepared.details or {}).get('scheme')} {state}: prepared/{prepared.key[:16]}"
 
 
 def _short(details: dict[str, Any]) -> str:

@@ -10,7 +10,7 @@ from modelfleet_runtime.build.options import BuildOptions, normalize_sha256
 
 # Bump when the meaning of a key changes (what goes in, or how an artifact is laid out), so old
 # entries are simply never hit again instead of being misread.
-KEY_SCHEMA = 1
+KEY_SCHEMA = 2  # 2: precision through the model (build/precision.py), no TensorRT precision flags
 
 _ARCHITECTURE = re.compile(r"^(sm\d{2,3}|cpu)$")
 

@@ -55,11 +55,21 @@ def describe_default(figure: str) -> str:
     return ", ".join(f"{precision} {getattr(gate, figure):g}" for precision, gate in DEFAULT_GATES.items())
 
 
+# How each precision is put into the model before any architecture's build (build/precision.py). The name enters
+# the engine key of every backend that compiles the prepared model, so changed settings are a new engine.
+PREPARE_SCHEMES: dict[str, str] = {
+    "fp16": "ort-float16-fp32-io",
+    "int8": "qdq-s8s8-symmetric-per-channel-entropy",
+    "fp8": "qdq-e4m3-from-int8-entropy",
+}
+
+
 # The onnxruntime.quantization settings of each int8 method (see build/ort.py: uint8 weights compute the same
 # on every CPU). The name enters the engine key, so a change of settings is a new engine, never a stale hit.
 ORT_INT8_SCHEMES: dict[str, str] = {
     "dynamic": "dynamic-u8u8-per-channel",
     "static": "static-qdq-u8u8-per-channel",
+    "qdq": PREPARE_SCHEMES["int8"],  # the Q/DQ model TensorRT compiles, served as it is
 }
 
 
@@ -176,10 +186,11 @@ class TensorRTOptions(_Frozen):
 class OnnxRuntimeOptions(_Frozen):
     """Knobs of the ONNX Runtime path; left out of the key on the TensorRT path."""
 
-    quantization: Literal["dynamic", "static"] = Field(
+    quantization: Literal["dynamic", "static", "qdq"] = Field(
         "dynamic",
         description="int8 method: dynamic (weights int8, activation ranges at run time; best for MatMul "
-        "models on CPU, needs no data) or static (QDQ, calibrated on --calibration data)",
+        "models on CPU, needs no data), static (QDQ u8u8, calibrated on --calibration data) or qdq (the "
+        "symmetric Q/DQ model TensorRT compiles, calibrated on --calibration data)",
     )
 
 
@@ -197,8 +208,9 @@ class BuildOptions(_Frozen):
 
     @model_validator(mode="after")
     def _static_needs_data(self) -> BuildOptions:
-        if self.onnxruntime.quantization == "static" and self.calibration is None:
-            raise ValueError("onnxruntime static quantization needs calibration data (--calibration)")
+        if self.onnxruntime.quantization in ("static", "qdq") and self.calibration is None:
+            method = self.onnxruntime.quantization
+            raise ValueError(f"onnxruntime {method} quantization needs calibration data (--calibration)")
         return self
 
     def with_backend(self, backend: ResolvedBackend) -> BuildOptions:
@@ -243,6 +255,7 @@ class BuildOptions(_Frozen):
             "accuracy": self.accuracy.resolved(self.precision).model_dump(),
             "tensorrt": self.tensorrt.model_dump() if self.backend == "tensorrt" else None,
             "onnxruntime": self._onnxruntime_key(),
+            "prepare": self._prepare_key(),
         }
 
     def _evaluation_key(self, evaluation: Evaluation) -> dict[str, Any]:
@@ -251,6 +264,14 @@ class BuildOptions(_Frozen):
             "max_accuracy_drop": self.accuracy.max_accuracy_drop,
             "output": self.accuracy.evaluation_output,
         }
+
+    def _prepare_key(self) -> str | None:
+        """The precision step's scheme, where the backend compiles the prepared model (build/precision.py)."""
+        if self.precision == "fp32":
+            return None
+        if self.backend == "tensorrt" or self.precision == "fp16":
+            return PREPARE_SCHEMES[self.precision]
+        return None
 
     def _onnxruntime_key(self) -> dict[str, Any] | None:
         """ONNX Runtime's int8 settings, only where ONNX Runtime quantizes."""
@@ -365,8 +386,9 @@ def add_option_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--trt-workspace-mib", type=int, help="TensorRT workspace memory pool limit, MiB")
     group.add_argument(
         "--ort-quantization",
-        choices=("dynamic", "static"),
-        help="ONNX Runtime int8 method: dynamic (default, no data) or static QDQ (needs --calibration)",
+        choices=("dynamic", "static", "qdq"),
+        help="ONNX Runtime int8 method: dynamic (default, no data), static QDQ u8u8 or qdq, TensorRT's symmetric "
+        "Q/DQ model (both need --calibration)",
     )
 
 

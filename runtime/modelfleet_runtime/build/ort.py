@@ -17,8 +17,11 @@ method are the `Int8Scheme` that `options.ORT_INT8_SCHEMES` names (they enter th
   becomes MatMulInteger, fused to DynamicQuantizeMatMul at the EXTENDED level;
 - static: QDQ calibrated with MinMax on the --calibration data (required: ranges calibrated on synthetic
   inputs would be wrong for real traffic); the better choice for Conv-heavy models;
+- qdq: the symmetric Q/DQ model build/precision.py makes for TensorRT, served as it is. Its int8 weights make
+  it U8S8 here and not portable (below); `make bench-int8` measured it behind dynamic on this CPU, so it is
+  not the default;
 - the model already holds QuantizeLinear/DequantizeLinear: it is already quantized, and only optimized.
-Weights are uint8 in both (U8U8). ONNX Runtime's quantization guide: on x86-64 with AVX2 or AVX-512 but
+Weights are uint8 in dynamic and static (U8U8). ONNX Runtime's quantization guide: on x86-64 with AVX2 or AVX-512 but
 without VNNI, U8S8 (int8 weights) runs through VPMADDUBSW, whose int16 pair sums saturate, and it advises
 reduce_range or U8U8 when accuracy drops. U8U8 sums in int32 on every x86 kernel (and arm64's), so the
 quantized artifact computes the same on every CPU and the gate's verdict holds wherever it is served:
@@ -27,8 +30,10 @@ gave 0.98+ (README, "INT8 on every CPU"). A model that brings its own int8 Q/DQ 
 re-typed: its manifest says it is not portable, and the runtime refuses to serve it on a CPU whose int8
 kernel class differs from the one it was gated on (`cpu.py`).
 Calibration data also feeds the accuracy gate, whatever the method.
-FP16 is not applied on this path (ONNX Runtime's CPU provider lacks fp16 kernels for most ops): the artifact
-stays FP32 and the manifest says so (`precision.effective`). FP8 needs TensorRT.
+FP16 and `qdq` come from build/precision.py, the step shared with TensorRT. An fp16 artifact is built for GPU
+targets (the CUDA provider runs fp16); on CPUs the artifact stays FP32 (the CPU provider lacks fp16 kernels for
+most ops and casts around them: MiniLM ran 16 % slower) and the manifest says so (`precision.effective`).
+FP8 needs TensorRT.
 """
 
 from __future__ import annotations
@@ -102,6 +107,7 @@ def optimization_level_name(architecture: str) -> str:
 def build_onnxruntime(
     *,
     model_path: Path,
+    prepared: Path,
     spec: ModelSpec,
     options: BuildOptions,
     architecture: str,
@@ -109,28 +115,51 @@ def build_onnxruntime(
     workdir: Path,
     calibration: Feeds | None,
 ) -> Built:
-    """Optimize (and quantize when asked) `model_path` into `out_dir/model.onnx`."""
+    """Optimize (and quantize when asked) into `out_dir/model.onnx`; `prepared` is build/precision.py's model."""
     details: dict[str, Any] = {"graphOptimizationLevel": optimization_level_name(architecture)}
     source = model_path
     effective = "fp32"
     if options.precision == "fp8":
         raise Unsupported("precision fp8 needs the tensorrt backend on an sm89+ GPU")
     if options.precision == "fp16":
-        details["note"] = "fp16 is not applied on the onnxruntime path; the artifact is fp32"
-    if options.precision == "int8":
-        effective = "int8"
-        if spec.has_qdq:
-            details["quantization"] = "qdq-in-model"
-            details["int8Portable"] = not has_int8_weights(model_path)
+        if architecture == "cpu":
+            details["note"] = "fp16 is not served on CPUs (slower than fp32 there, `make bench-int8`): fp32 artifact"
         else:
-            source, details["quantization"] = quantize(
-                model_path=model_path, options=options, workdir=workdir, calibration=calibration
-            )
-            details["int8Portable"] = True
-        details["cpuInt8Kernel"] = cpu.this_cpu()
+            source, effective = prepared, "fp16"
+    if options.precision == "int8":
+        source, effective = _int8(details, model_path=model_path, prepared=prepared, spec=spec, options=options,
+                                  workdir=workdir, calibration=calibration)  # fmt: skip
     artifact = out_dir / ARTIFACT_NAME
     optimize_offline(source, artifact, architecture=architecture)
     return Built(artifact=artifact, effective_precision=effective, details=details)
+
+
+def _int8(
+    details: dict[str, Any],
+    *,
+    model_path: Path,
+    prepared: Path,
+    spec: ModelSpec,
+    options: BuildOptions,
+    workdir: Path,
+    calibration: Feeds | None,
+) -> tuple[Path, str]:
+    """The int8 source model: the model's own Q/DQ, the shared TensorRT Q/DQ model, or ONNX Runtime's own."""
+    if spec.has_qdq:
+        details["quantization"] = "qdq-in-model"
+        details["int8Portable"] = not has_int8_weights(model_path)
+        source = model_path
+    elif options.onnxruntime.quantization == "qdq":
+        details["quantization"] = ORT_INT8_SCHEMES["qdq"]
+        details["int8Portable"] = False  # int8 weights: U8S8 kernels, whose sums saturate on some CPUs
+        source = prepared
+    else:
+        source, details["quantization"] = quantize(
+            model_path=model_path, options=options, workdir=workdir, calibration=calibration
+        )
+        details["int8Portable"] = True
+    details["cpuInt8Kernel"] = cpu.this_cpu()
+    return source, "int8"
 
 
 def has_int8_weights(model_path: Path) -> bool:
