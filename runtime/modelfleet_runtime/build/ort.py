@@ -18,8 +18,8 @@ method are the `Int8Scheme` that `options.ORT_INT8_SCHEMES` names (they enter th
 - static: QDQ calibrated with MinMax on the --calibration data (required: ranges calibrated on synthetic
   inputs would be wrong for real traffic); the better choice for Conv-heavy models;
 - qdq: the symmetric Q/DQ model build/precision.py makes for TensorRT, served as it is. Its int8 weights make
-  it U8S8 here and not portable (below); `make bench-int8` measured it behind dynamic on this CPU, so it is
-  not the default;
+  it U8S8 here and not portable (below); `make bench-precision` measured it less accurate and slower than dynamic
+  on this CPU, so it is not the default;
 - the model already holds QuantizeLinear/DequantizeLinear: it is already quantized, and only optimized.
 Weights are uint8 in dynamic and static (U8U8). ONNX Runtime's quantization guide: on x86-64 with AVX2 or AVX-512 but
 without VNNI, U8S8 (int8 weights) runs through VPMADDUBSW, whose int16 pair sums saturate, and it advises
@@ -32,7 +32,8 @@ kernel class differs from the one it was gated on (`cpu.py`).
 Calibration data also feeds the accuracy gate, whatever the method.
 FP16 and `qdq` come from build/precision.py, the step shared with TensorRT. An fp16 artifact is built for GPU
 targets (the CUDA provider runs fp16); on CPUs the artifact stays FP32 (the CPU provider lacks fp16 kernels for
-most ops and casts around them: MiniLM ran 16 % slower) and the manifest says so (`precision.effective`).
+most ops and casts around them: MiniLM ran 7 % slower, `make bench-precision`) and the manifest says so
+(`precision.effective`).
 FP8 needs TensorRT.
 """
 
@@ -123,7 +124,7 @@ def build_onnxruntime(
         raise Unsupported("precision fp8 needs the tensorrt backend on an sm89+ GPU")
     if options.precision == "fp16":
         if architecture == "cpu":
-            details["note"] = "fp16 is not served on CPUs (slower than fp32 there, `make bench-int8`): fp32 artifact"
+            details["note"] = "fp16 is not served on CPUs (slower than fp32 there, make bench-precision): fp32 artifact"
         else:
             source, effective = prepared, "fp16"
     if options.precision == "int8":
