@@ -91,6 +91,8 @@ class ProviderProbe:
                 live[(str(pod["name"]), str(ip))] = arch
         known = {ident: p for ident, p in self._known.get(key, {}).items() if ident in live}
         self._known[key] = known
+        for gone in [t for t in self._tried if t[0] == key and t[1:] not in live]:
+            del self._tried[gone]  # pods that left: forget when they were read
         for ident, arch in live.items():
             tried = self._tried.get((key, *ident))
             if ident not in known and (tried is None or now - tried >= self.retry_seconds):

@@ -94,3 +94,18 @@ def test_parse_provider() -> None:
     assert parse_provider(text, model="clf") == (CPU, TRT)
     assert parse_provider(text, model="none") is None
     assert parse_provider("not { metrics", model="clf") is None
+
+
+def test_the_probe_forgets_pods_that_left() -> None:
+    """Its record of read attempts stays bounded by the pods that exist."""
+
+    async def run() -> tuple[int, int]:
+        probe = ProviderProbe(on_result=lambda key: None, port=1, timeout_seconds=0.2)
+        pod = {"name": "clf-sm90-x", "ready": True, "ip": "127.0.0.1", "architecture": "sm90"}
+        probe.observe(("ns", "clf"), "clf", [pod])
+        tried = len(probe._tried)
+        probe.observe(("ns", "clf"), "clf", [])
+        await probe.close()
+        return tried, len(probe._tried)
+
+    assert asyncio.run(run()) == (1, 0)
