@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -256,3 +257,39 @@ def test_a_named_output_must_exist_in_the_build(tmp_path: Path, files: tuple[Pat
     code, result = build(tmp_path, *args, "--evaluation-output", "probabilities")
     assert (code, result["reason"]) == (2, "InvalidOptions")
     assert "'probabilities': the model has no such output (outputs: 'logits' ['batch', 10])" in result["message"]
+
+
+def test_a_prepared_q_dq_model_that_loses_accuracy_is_refused_before_any_build(
+    tmp_path: Path, digits: Digits, files: tuple[Path, Path]
+) -> None:
+    """The same faint calibration through the TensorRT Q/DQ graph (`qdq`): the shared prepare step checks the
+    labeled set too, so the refusal comes once, before any architecture's build, and nothing is stored."""
+    model, evaluation = files
+    faint = tmp_path / "faint.npz"
+    np.savez(faint, pixels=(digits.test_x[:128] * 0.05).astype(np.float32))
+    code, result = build(
+        tmp_path,
+        *("--model", str(model), "--evaluation", str(evaluation), "--precision", "int8"),
+        *("--ort-quantization", "qdq", "--calibration", str(faint)),
+        *("--max-rel-error", "1e6", "--min-top1-agreement", "0"),
+    )
+    assert (code, result["reason"]) == (8, "AccuracyGateFailed")
+    assert result["message"].startswith("the int8 model (prepared once for every architecture, checked on the CPU): ")
+    assert re.search(r"a drop of \d+\.\d\d points > 0\.50$", result["message"]), result["message"]
+    assert result["effectivePrecision"] is None  # refused before the build step
+    assert [p.name for p in published(tmp_path)] == ["prepared"]  # no engine,
+    assert [p for p in (tmp_path / "store" / "prepared").iterdir() if not p.name.startswith(".")] == []  # no model
+
+
+def test_a_prepared_model_records_its_labeled_figures(tmp_path: Path, files: tuple[Path, Path]) -> None:
+    model, evaluation = files
+    code, result = build(
+        tmp_path,
+        *("--model", str(model), "--evaluation", str(evaluation), "--precision", "fp16"),
+        *("--backend", "onnxruntime", "--architecture", "sm80"),
+    )
+    assert code == 0, result
+    prepared = result["prepared"]
+    assert prepared["accuracy"] == result["accuracy"]["evaluation"]["accuracy"]  # the fp16 graph is what is served
+    assert prepared["accuracyDrop"] == pytest.approx(result["accuracy"]["evaluation"]["accuracyDrop"])
+    assert prepared["accuracyDrop"] <= 0.005

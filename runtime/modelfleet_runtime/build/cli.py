@@ -423,7 +423,7 @@ def _build_and_publish(
     with progress.step("prepare") as notes:
         prepared = _prepare(
             options, spec=spec, architecture=architecture, model_path=model_path, model_digest=model_digest,
-            store=store, workdir=workdir, calibration=calibration,
+            store=store, workdir=workdir, calibration=calibration, evaluation=evaluation,
         )  # fmt: skip
         result.extra.update(prepared.as_details())
         notes.append(_prepared_note(prepared))
@@ -612,6 +612,7 @@ def _prepare(
     store: Path,
     workdir: Path,
     calibration: Feeds | None,
+    evaluation: tuple[LabeledSet, TensorSpec] | None,
 ) -> Prepared:
     from modelfleet_runtime.build import precision
 
@@ -623,7 +624,7 @@ def _prepare(
         trt.check_precision(spec=spec, options=options, architecture=architecture)  # before any work
     return precision.prepare(
         model_path=model_path, model_digest=model_digest, spec=spec, options=options, store=store,
-        workdir=workdir, calibration=calibration,
+        workdir=workdir, calibration=calibration, evaluation=evaluation,
     )  # fmt: skip
 
 

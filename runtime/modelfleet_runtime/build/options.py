@@ -244,7 +244,7 @@ class BuildOptions(_Frozen):
         evaluation = self.accuracy.evaluation
         if evaluation is not None and evaluation.sha256 is None:
             raise ValueError("the evaluation data's sha256 must be known before computing the key")
-        labeled = {} if evaluation is None else {"evaluation": self._evaluation_key(evaluation)}
+        labeled = {} if evaluation is None else {"evaluation": self.evaluation_key(evaluation)}
         return {
             **labeled,
             "backend": self.backend,
@@ -258,7 +258,7 @@ class BuildOptions(_Frozen):
             "prepare": self._prepare_key(),
         }
 
-    def _evaluation_key(self, evaluation: Evaluation) -> dict[str, Any]:
+    def evaluation_key(self, evaluation: Evaluation) -> dict[str, Any]:
         return {
             "sha256": evaluation.sha256,
             "max_accuracy_drop": self.accuracy.max_accuracy_drop,

@@ -15,7 +15,8 @@ Q/DQ nodes. So precision is a step of its own, before any architecture-specific 
 
 The step is architecture-independent, so its result is cached in the engine store under its own content key
 (`<store>/prepared/<key>/model.onnx`): the per-architecture Jobs of one model race for a file lock, one
-prepares, the others find the entry. It is accuracy-gated on the CPU with ONNX Runtime before it is cached:
+prepares, the others find the entry. It is accuracy-gated on the CPU with ONNX Runtime before it is cached (and
+on labeled data when given, so a quantization that loses accuracy is refused before any GPU build time):
 Q/DQ models run with graph optimizations off, i.e. as dequantize + float ops, which is what the quantized
 graph means on any hardware (no CPU integer kernel whose rounding differs by CPU feature enters the verdict).
 """
@@ -31,14 +32,20 @@ import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from modelfleet_runtime.build import AccuracyGateFailed, BuildFailed, InvalidOptions, Unsupported
 from modelfleet_runtime.build import store as store_mod
-from modelfleet_runtime.build.accuracy import Feeds, gate_batches, onnxruntime_runner, run_gate, split_batches
+from modelfleet_runtime.build.accuracy import Feeds, Runner, gate_batches, onnxruntime_runner, run_gate, split_batches
 from modelfleet_runtime.build.fetch import file_sha256
 from modelfleet_runtime.build.options import PREPARE_SCHEMES, BuildOptions, Precision
 from modelfleet_runtime.build.validate import ModelSpec
+
+if TYPE_CHECKING:
+    from modelfleet_runtime.build.labeled import EvaluationReport, LabeledSet
+    from modelfleet_runtime.build.validate import TensorSpec
+
+    Evaluation = tuple[LabeledSet, TensorSpec]
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +102,8 @@ def prepare_key(*, model_digest: str, options: BuildOptions, versions: dict[str,
         "gate": options.accuracy.resolved(precision).model_dump(),
         "tools": versions,
     }
+    if options.accuracy.evaluation is not None:  # absent otherwise, so keys without labeled data stay as they were
+        material["evaluation"] = options.evaluation_key(options.accuracy.evaluation)
     text = json.dumps(material, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
     return hashlib.sha256(text.encode("ascii")).hexdigest()
 
@@ -108,8 +117,11 @@ def prepare(
     store: Path,
     workdir: Path,
     calibration: Feeds | None,
+    evaluation: Evaluation | None = None,
 ) -> Prepared:
-    """The model to compile: the store's prepared entry for this model and precision, made and gated if absent."""
+    """The model to compile: the store's prepared entry for this model and precision, made and gated if absent.
+    With labeled data (`evaluation`: the set and the output it scores) the labeled gate is checked here too, so a
+    quantization that loses accuracy is refused once, before any architecture's build."""
     how = method(options, spec)
     if how is None:
         return Prepared(path=model_path)
@@ -126,7 +138,7 @@ def prepare(
         if entry.problem is not None:
             log.warning("replacing a broken prepared entry: %s", entry.problem)
         manifest = _make(how, model_path=model_path, spec=spec, options=options, calibration=calibration,
-                         workdir=workdir, key=key, versions=versions, root=root)  # fmt: skip
+                         evaluation=evaluation, workdir=workdir, key=key, versions=versions, root=root)  # fmt: skip
     return Prepared(path=root / key / ARTIFACT_NAME, key=key, details=_summary(manifest))
 
 
@@ -137,6 +149,7 @@ def _make(
     spec: ModelSpec,
     options: BuildOptions,
     calibration: Feeds | None,
+    evaluation: Evaluation | None,
     workdir: Path,
     key: str,
     versions: dict[str, str],
@@ -152,16 +165,21 @@ def _make(
             assert calibration is not None
             batches = split_batches(calibration, batch_size=options.batch.opt, min_batch=1)
             quantize_qdq(model_path, target, precision=how, batches=batches, workdir=workdir)
+        reference = onnxruntime_runner(model_path, optimize=False)
+        candidate = onnxruntime_runner(target, optimize=False)
         outcome = run_gate(
-            reference=onnxruntime_runner(model_path, optimize=False),
-            candidate=onnxruntime_runner(target, optimize=False),
+            reference=reference,
+            candidate=candidate,
             batches=gate_batches(spec, options=options, calibration=calibration),
             gate=options.accuracy.resolved(options.precision),
             classifiers=frozenset(t.name for t in spec.outputs if t.classifier_shaped),
         )
-        if not outcome.passed:
+        labeled = None if evaluation is None else _labeled(evaluation, reference, candidate, options)
+        failures = [outcome.message] if not outcome.passed else []
+        failures += [labeled.message] if labeled is not None and not labeled.passed else []
+        if failures:
             raise AccuracyGateFailed(
-                f"the {how} model (prepared once for every architecture, checked on the CPU): {outcome.message}"
+                f"the {how} model (prepared once for every architecture, checked on the CPU): " + "; ".join(failures)
             )
         digest, size = file_sha256(target)
         manifest = {
@@ -172,7 +190,10 @@ def _make(
             "artifact_bytes": size,
             "precision": options.precision,
             "scheme": PREPARE_SCHEMES[options.precision],
-            "accuracy": outcome.report.as_dict(camel=False),
+            "accuracy": {
+                **outcome.report.as_dict(camel=False),
+                **({} if labeled is None else {"evaluation": labeled.as_dict(camel=False)}),
+            },
             "tools": versions,
             "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         }
@@ -182,13 +203,29 @@ def _make(
         store_mod.discard(staging)
 
 
+def _labeled(evaluation: Evaluation, reference: Runner, candidate: Runner, options: BuildOptions) -> EvaluationReport:
+    from modelfleet_runtime.build import labeled
+
+    data, output = evaluation
+    return labeled.run_evaluation(
+        reference=reference,
+        candidate=candidate,
+        data=data,
+        output=output,
+        batch=options.batch,
+        max_accuracy_drop=options.accuracy.max_accuracy_drop,
+    )
+
+
 def _summary(manifest: dict[str, Any]) -> dict[str, Any]:
     figures = manifest.get("accuracy") or {}
+    labeled = figures.get("evaluation") or {}
     return {
         "scheme": manifest.get("scheme"),
         "sha256": manifest.get("artifact_sha256"),
         "maxRelError": figures.get("max_rel_error"),
         "top1Agreement": figures.get("top1_agreement"),
+        **({"accuracy": labeled.get("accuracy"), "accuracyDrop": labeled.get("accuracy_drop")} if labeled else {}),
     }
 
 
