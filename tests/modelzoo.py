@@ -192,3 +192,28 @@ def nonfinite_model(path: Path) -> Path:
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="modelfleet-tests")
     return _save(model, path)
+
+
+def growing_reference(x: np.ndarray, rounds: int = 4) -> np.ndarray:
+    y = x.astype(np.float32)
+    for _ in range(rounds):
+        y = np.tanh(y @ y)
+    return y
+
+
+def growing_model(path: Path, rounds: int = 4) -> Path:
+    """`x` FP32 [batch, n, n] -> `y`, `rounds` times y = tanh(y @ y): its cost grows as n cubed, so n = 1
+    computes in microseconds and n = 256 in tens of milliseconds, with the same model and batch size."""
+    nodes, current = [], "x"
+    for i in range(rounds):
+        nodes.append(helper.make_node("MatMul", [current, current], [f"p{i}"]))
+        current = "y" if i == rounds - 1 else f"t{i}"
+        nodes.append(helper.make_node("Tanh", [f"p{i}"], [current]))
+    graph = helper.make_graph(
+        nodes,
+        "growing",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "n", "n"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "n", "n"])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="modelfleet-tests")
+    return _save(model, path)

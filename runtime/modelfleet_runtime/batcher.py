@@ -12,7 +12,8 @@ concurrency, driven by events rather than a polling coroutine:
   a finished batch's callback dispatches the next one directly, without a further loop round trip.
   A model whose largest batch computes faster than a thread handoff (`inline`, decided after warm-up
   from a measurement) runs on the loop instead: for it the handoff and its GIL round trip cost more
-  than the work, and blocking the loop for a few microseconds costs less than either;
+  than the work, and blocking the loop for a few microseconds costs less than either. With a `Placement`
+  the choice is made per batch and revised from real batches' compute times (see placement.py);
 - a batch that fails on a request's values (`InvalidInput` from the backend: an out-of-range token id,
   say) is computed again one request at a time, in the same worker, so the bad request fails alone with
   its 400 and the others get their answers; any other failure fails only the batch's own requests, each
@@ -35,6 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from modelfleet_runtime.batching import BatchMismatch, merge, plan_batch, split
+from modelfleet_runtime.placement import Placement
 from modelfleet_runtime.protocol import BackendError, DeadlineExceeded, InvalidInput, QueueFull
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,9 @@ class BatchObserver:
 
     def computed(self, batch_size: int, seconds: float) -> None:
         """A batch of `batch_size` items computed in `seconds` (failed batches are not observed)."""
+
+    def placed(self, inline: bool) -> None:
+        """A batch was dispatched inline on the loop (True) or to an executor thread (False)."""
 
 
 @dataclass(slots=True)
@@ -109,7 +114,9 @@ class Batcher:
         input_names: tuple[str, ...],
         config: BatcherConfig,
         observer: BatchObserver | None = None,
+        placement: Placement | None = None,
     ) -> None:
+        """`placement` decides inline or executor per batch; without it `config.inline` holds throughout."""
         if config.batched and any(p > config.max_batch_size for p in config.preferred_batch_sizes):
             raise ValueError("preferred batch sizes must not exceed max_batch_size")
         if config.max_batch_size < 1 or config.instances < 1:
@@ -119,6 +126,7 @@ class Batcher:
         self._config = config
         self._max = config.max_batch_size if config.batched else 1
         self._observer = observer or BatchObserver()
+        self._placement = placement
         self._loop = asyncio.get_running_loop()
         self._queue: deque[_Pending] = deque()
         self._queued_items = 0
@@ -256,13 +264,11 @@ class Batcher:
                     self._timer_at = ready_at
                 return
             batch = self._take(count, now)
-            if batch:
-                self._dispatch(batch)
-                if self._config.inline and self._queue:
-                    # One inline batch per loop iteration: let the answers go out and new requests in
-                    # before computing the next one.
-                    self._loop.call_soon(self._pump)
-                    return
+            if batch and self._dispatch(batch) and self._queue:
+                # One inline batch per loop iteration: let the answers go out and new requests in
+                # before computing the next one.
+                self._loop.call_soon(self._pump)
+                return
 
     def _take(self, count: int, now: float) -> list[_Pending]:
         """Pop the `count` live requests plan_batch chose; any already past its deadline fails instead."""
@@ -327,26 +333,49 @@ class Batcher:
             error = BackendError(f"{what} returned outputs that do not match it: {exc}")
             return [error] * len(sizes)
 
-    def _dispatch(self, batch: list[_Pending]) -> None:
+    def _runs_inline(self, inputs: list[Mapping[str, np.ndarray]]) -> tuple[bool, int]:
+        """Where this batch computes, and its input elements (what the placement's evidence is kept in)."""
+        if self._placement is None:
+            return self._config.inline, 0
+        elements = sum(int(array.size) for request in inputs for array in request.values())
+        return self._placement.runs_inline(elements), elements
+
+    def _dispatch(self, batch: list[_Pending]) -> bool:
+        """Start computing `batch`; True if it computed inline (it is then already answered)."""
         now = time.perf_counter()
         for item in batch:
             self._observer.queued(now - item.started)
         sizes = [item.size for item in batch]
         inputs = [item.inputs for item in batch]
+        inline, elements = self._runs_inline(inputs)
+        self._observer.placed(inline)
         self._busy += 1
-        if self._config.inline:
+        if inline:
             # The model is faster than a thread handoff: compute here, on the loop, and answer at once.
             try:
                 result: _Computed | BaseException = self._compute(inputs, sizes)
             except Exception as exc:
                 result = exc
-            self._finished(result, batch, sizes)
-            return
+            self._finished(result, batch, sizes, elements)
+            return True
         future = self._loop.run_in_executor(self._executor, self._compute, inputs, sizes)
-        future.add_done_callback(lambda f: self._finished(_result_of(f), batch, sizes))
+        future.add_done_callback(lambda f: self._finished(_result_of(f), batch, sizes, elements))
+        return False
 
-    def _finished(self, result: _Computed | BaseException, batch: list[_Pending], sizes: list[int]) -> None:
+    def _revise(self, result: _Computed | BaseException, elements: int) -> None:
+        """Feed the batch's measured compute time to the placement; log a change of placement once."""
+        if self._placement is None or not isinstance(result, _Computed) or not result.runs:
+            return
+        change = self._placement.observe(elements, sum(seconds for _, seconds in result.runs))
+        if change is not None:
+            where = "inline on the event loop" if change.inline else "in executor threads"
+            log.info("batches now run %s: %s", where, change.reason)
+
+    def _finished(
+        self, result: _Computed | BaseException, batch: list[_Pending], sizes: list[int], elements: int
+    ) -> None:
         self._busy -= 1
+        self._revise(result, elements)
         results = self._outcome(result, sizes)
         for item, outcome in zip(batch, results, strict=True):
             if item.future.done():

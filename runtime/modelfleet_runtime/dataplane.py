@@ -31,8 +31,16 @@ from modelfleet_runtime.batching import (
     validate_inputs,
     validate_outputs,
 )
-from modelfleet_runtime.loader import build_model_source, build_warmup_batch_sizes, load_backend
+from modelfleet_runtime.loader import (
+    ModelSource,
+    build_model_source,
+    build_warmup_batch_sizes,
+    load_backend,
+    shapes_known,
+    with_served_shapes,
+)
 from modelfleet_runtime.metrics import Metrics
+from modelfleet_runtime.placement import Placement
 from modelfleet_runtime.protocol import (
     BackendError,
     InferenceError,
@@ -108,6 +116,7 @@ class DataPlane:
         self._state = State.LOADING
         self._backend: Backend | None = None
         self._batcher: Batcher | None = None
+        self._placement: Placement | None = None
         self._signature: ModelSignature | None = None
         self._platform = ""
         self._inflight = 0
@@ -122,6 +131,7 @@ class DataPlane:
         self.failure: str | None = None
         metrics.track(queue_depth=self._queue_depth, inflight=lambda: self._inflight)
         metrics.track_provider(self.execution_provider)
+        metrics.track_placement(lambda: self._placement.inline if self._placement is not None else None)
 
     # --- lifecycle -----------------------------------------------------------------------------------------
 
@@ -166,7 +176,7 @@ class DataPlane:
         settings = self._settings
         began = time.perf_counter()
         try:
-            source = build_model_source(settings.model)
+            source = with_served_shapes(build_model_source(settings.model), settings)
             backend = await self._in_loader(partial(load_backend, source, settings))
             self._backend = backend
             batched = supports_batching(backend.inputs, backend.outputs)
@@ -181,14 +191,8 @@ class DataPlane:
             sizes = build_warmup_batch_sizes(
                 max_batch_size=limit, preferred=preferred, profile=source.batch, mode=settings.warmup
             )
-            # One size per thread call, so a SIGTERM during warm-up stops it after the current run.
-            for size in sizes if batched else [1]:
-                await self._in_loader(
-                    partial(backend.warmup, [size], iterations=settings.warmup_iterations, dims=source.opt_shapes)
-                )
-            largest = build_warmup_inputs(backend.inputs, limit if batched else 1, source.opt_shapes)
-            compute_s = await self._in_loader(partial(_fastest_run, backend, largest))
-            inline = compute_s * 1e6 < settings.inline_compute_microseconds
+            placement, decided = await self._warm_up(backend, source, sizes if batched else [1])
+            self._placement = placement
             self._batcher = Batcher(
                 infer=backend.infer,
                 input_names=tuple(spec.name for spec in backend.inputs),
@@ -199,9 +203,10 @@ class DataPlane:
                     max_queue_size=settings.max_queue_size,
                     instances=settings.instances,
                     batched=batched,
-                    inline=inline,
+                    inline=placement.inline,
                 ),
                 observer=self._metrics,
+                placement=placement,
             )
         except asyncio.CancelledError:
             raise
@@ -212,16 +217,54 @@ class DataPlane:
         if self._state is State.LOADING:
             self._state = State.READY
         log.info(
-            "model %s ready in %.1fs: %s on %s, max batch %d, warmed batch sizes %s; a full batch computes in "
-            "%.0f us, so batches run %s",
+            "model %s ready in %.1fs: %s on %s, max batch %d, warmed batch sizes %s%s",
             settings.name,
             time.perf_counter() - began,
             self._platform,
             backend.execution_provider.active,
             limit if batched else 0,
             sizes if batched else [1],
-            compute_s * 1e6,
-            "inline on the event loop" if inline else "in executor threads",
+            decided,
+        )
+
+    async def _warm_up(self, backend: Backend, source: ModelSource, sizes: list[int]) -> tuple[Placement, str]:
+        """Warm every size at the opt shapes and the largest at the max shapes; time that to place batches.
+
+        Returns the placement and, for the ready log line, what was warmed at which shapes and what decided.
+        """
+        settings = self._settings
+        # One size per thread call, so a SIGTERM during warm-up stops it after the current run.
+        for size in sizes:
+            await self._in_loader(
+                partial(backend.warmup, [size], iterations=settings.warmup_iterations, dims=source.opt_shapes)
+            )
+        if source.max_shapes:
+            await self._in_loader(
+                partial(backend.warmup, [sizes[-1]], iterations=settings.warmup_iterations, dims=source.max_shapes)
+            )
+        largest = build_warmup_inputs(backend.inputs, sizes[-1], source.max_shapes or source.opt_shapes)
+        compute_s = await self._in_loader(partial(_fastest_run, backend, largest))
+        shapes = {name: list(array.shape) for name, array in largest.items()}
+        warmed = f" at the opt shapes {dict(source.opt_shapes)}" if source.opt_shapes else ""
+        if source.max_shapes:
+            warmed += f" and batch {sizes[-1]} at the max shapes {dict(source.max_shapes)}"
+        threshold_us = settings.inline_compute_microseconds
+        under = compute_s * 1e6 < threshold_us
+        if shapes_known(backend.inputs, source.max_shapes):
+            placement = Placement(
+                threshold_s=threshold_us / 1e6,
+                promote_after=settings.inline_after_batches,
+                allowed=under,
+                trusted_elements=sum(int(array.size) for array in largest.values()) if under else 0,
+            )
+            where = "inline on the event loop" if placement.inline else "in executor threads"
+            timed = f"a full batch at the max shapes {shapes} computes in {compute_s * 1e6:.0f} us"
+            return placement, f"{warmed}; {timed}, so batches run {where}"
+        placement = Placement(threshold_s=threshold_us / 1e6, promote_after=settings.inline_after_batches)
+        return placement, f"{warmed}; " + (
+            f"dynamic axes have no max (warm-up shapes {shapes} compute in {compute_s * 1e6:.0f} us, which says "
+            f"nothing of real requests), so batches start in executor threads and run inline only after "
+            f"{settings.inline_after_batches} real batches in a row compute under {threshold_us} us"
         )
 
     def begin_drain(self) -> None:

@@ -3,8 +3,8 @@
 Engine-store contract (written by `modelfleet build`): the directory holds `manifest.json` with at least
 `{"key", "backend": "onnxruntime"|"tensorrt", "artifact": <file in the dir>, "artifact_sha256",
 "options": {"batch": {"min", "opt", "max"}, "shapes": {name: {"min", "opt", "max"}}, ...}}`.
-The batch profile's max caps maxBatchSize; `shapes[name].opt` (non-batch dimensions, axis 1 onwards)
-sizes the warm-up of other dynamic axes.
+The batch profile's max caps maxBatchSize; `shapes[name].opt` and `.max` (non-batch dimensions, axis 1
+onwards) size the warm-up of other dynamic axes, and `.max` the timing that decides inline compute.
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from modelfleet_runtime.backends.base import Backend
+from modelfleet_runtime.backends.base import Backend, TensorSpec
 from modelfleet_runtime.build import cpu
 from modelfleet_runtime.settings import ServeSettings
 
@@ -45,6 +45,7 @@ class ModelSource:
     key: str | None = None
     batch: BatchProfile | None = None
     opt_shapes: Mapping[str, Sequence[int]] = field(default_factory=dict)
+    max_shapes: Mapping[str, Sequence[int]] = field(default_factory=dict)
     architecture: str | None = None  # what the store entry was built for (smXY or cpu)
 
 
@@ -78,6 +79,39 @@ def _check_int8_portability(manifest: dict[str, Any], manifest_path: Path, *, th
         )
 
 
+def _shapes(shapes: dict[str, Any], which: str, manifest_path: Path) -> dict[str, list[int]]:
+    """Non-batch dimensions (axis 1 onwards) at `which` (opt or max), as the builder records them."""
+    try:
+        return {
+            name: [int(d) for d in spec[which]]
+            for name, spec in shapes.items()
+            if isinstance(spec, dict) and isinstance(spec.get(which), list)
+        }
+    except (TypeError, ValueError):
+        raise ModelLoadError(f"{manifest_path}: options.shapes {which} dimensions must be integers") from None
+
+
+def with_served_shapes(source: ModelSource, settings: ServeSettings) -> ModelSource:
+    """A bare .onnx takes its opt/max shapes from the `shapes` setting; a store entry keeps its manifest's."""
+    if source.opt_shapes or source.max_shapes or not settings.shapes:
+        return source
+    return replace(
+        source,
+        opt_shapes={name: list(b.opt) for name, b in settings.shapes.items()},
+        max_shapes={name: list(b.max) for name, b in settings.shapes.items()},
+    )
+
+
+def shapes_known(specs: Sequence[TensorSpec], max_shapes: Mapping[str, Sequence[int]]) -> bool:
+    """Whether every dynamic non-batch axis of every input has a max: then timing at the max shapes holds."""
+    for spec in specs:
+        bounds = max_shapes.get(spec.name, ())
+        for axis, dim in enumerate(spec.shape[1:]):
+            if dim == -1 and not (axis < len(bounds) and bounds[axis] > 0):
+                return False
+    return True
+
+
 def build_model_source(path: Path) -> ModelSource:
     """Read `path`: an .onnx file serves with ONNX Runtime; a directory must be an engine-store entry."""
     if path.is_file():
@@ -107,15 +141,7 @@ def build_model_source(path: Path) -> ModelSource:
     shapes = options.get("shapes") or {}
     if not isinstance(shapes, dict):
         raise ModelLoadError(f"{manifest_path}: options.shapes must be an object")
-    try:
-        # Non-batch dimensions (axis 1 onwards), as the builder records them.
-        opt_shapes = {
-            name: [int(d) for d in spec["opt"]]
-            for name, spec in shapes.items()
-            if isinstance(spec, dict) and isinstance(spec.get("opt"), list)
-        }
-    except (TypeError, ValueError):
-        raise ModelLoadError(f"{manifest_path}: options.shapes opt dimensions must be integers") from None
+    opt_shapes, max_shapes = _shapes(shapes, "opt", manifest_path), _shapes(shapes, "max", manifest_path)
     _check_int8_portability(manifest, manifest_path, this_cpu=cpu.this_cpu())
     sha = manifest.get("artifact_sha256")
     return ModelSource(
@@ -125,6 +151,7 @@ def build_model_source(path: Path) -> ModelSource:
         key=manifest.get("key") if isinstance(manifest.get("key"), str) else None,
         batch=_profile(options.get("batch")),
         opt_shapes=opt_shapes,
+        max_shapes=max_shapes,
         architecture=manifest.get("architecture") if isinstance(manifest.get("architecture"), str) else None,
     )
 

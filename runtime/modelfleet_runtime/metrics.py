@@ -109,6 +109,8 @@ class Metrics(BatchObserver, Collector):
         self._queue_depth: Callable[[], float] = lambda: 0
         self._inflight: Callable[[], float] = lambda: 0
         self._provider: Callable[[], ExecutionProvider | None] = lambda: None
+        self._inline: Callable[[], bool | None] = lambda: None
+        self.placements = {"inline": 0, "executor": 0}
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
 
@@ -120,6 +122,10 @@ class Metrics(BatchObserver, Collector):
     def track_provider(self, provider: Callable[[], ExecutionProvider | None]) -> None:
         """The execution provider, read at scrape time (None until the model is loaded)."""
         self._provider = provider
+
+    def track_placement(self, inline: Callable[[], bool | None]) -> None:
+        """Whether batches now compute inline on the event loop, read at scrape time (None before ready)."""
+        self._inline = inline
 
     def request_done(self, outcome: str, seconds: float | None) -> None:
         """Count one request; `seconds` is given for requests admitted to the queue."""
@@ -134,6 +140,9 @@ class Metrics(BatchObserver, Collector):
     def computed(self, batch_size: int, seconds: float) -> None:
         self.batch.observe(batch_size)
         self.compute.observe(seconds)
+
+    def placed(self, inline: bool) -> None:
+        self.placements["inline" if inline else "executor"] += 1
 
     # Collector
     def collect(self) -> Iterator[Metric]:
@@ -185,6 +194,29 @@ class Metrics(BatchObserver, Collector):
             )
             info.add_metric([model, provider.active, provider.requested], 1)
             yield info
+
+        yield from self._placement_families()
+
+    def _placement_families(self) -> Iterator[Metric]:
+        model = self.model
+        placed = CounterMetricFamily(
+            "modelfleet_batch_placements",
+            "Batches dispatched inline on the event loop or to executor threads (placement).",
+            labels=["model", "placement"],
+        )
+        for where, count in self.placements.items():
+            placed.add_metric([model, where], count)
+        yield placed
+        inline = self._inline()
+        if inline is not None:
+            gauge = GaugeMetricFamily(
+                "modelfleet_inline_compute",
+                "1 while batches compute inline on the event loop, 0 while they go to executor threads "
+                "(revised from measured compute times; see MODELFLEET_INLINE_COMPUTE_MICROSECONDS).",
+                labels=["model"],
+            )
+            gauge.add_metric([model], 1 if inline else 0)
+            yield gauge
 
     def render(self) -> bytes:
         data: bytes = generate_latest(self.registry)

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -18,6 +18,15 @@ def _split_list(value: Any) -> Any:
             return json.loads(text)
         return [part.strip() for part in text.split(",") if part.strip()]
     return value
+
+
+class ShapeBounds(BaseModel):
+    """One input's non-batch dimensions at the shape served most (opt) and the largest (max)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    opt: list[Annotated[int, Field(ge=1)]] = Field(min_length=1)
+    max: list[Annotated[int, Field(ge=1)]] = Field(min_length=1)
 
 
 class ServeSettings(BaseSettings):
@@ -169,7 +178,22 @@ class ServeSettings(BaseSettings):
         ge=0,
         description="If a batch of maxBatchSize computes faster than this (measured after warm-up), batches run "
         "on the event loop thread instead of an executor thread: for tiny models the thread handoff costs "
-        "more than the compute. 0 = always use executor threads.",
+        "more than the compute. 0 = always use executor threads. Timed at the max shapes where they are known "
+        "(the store's options.shapes, or `shapes`); with unknown dynamic axes batches start in executor threads "
+        "and go inline only after `inline_after_batches` real batches in a row computed under it. Either way a "
+        "batch that computes over it sends batches back to executor threads at once.",
+    )
+    inline_after_batches: int = Field(
+        default=16,
+        ge=1,
+        description="Real batches in a row that must compute under inline_compute_microseconds before batches "
+        "of a model with unknown dynamic axes (or one sent back to the executor) run inline.",
+    )
+    shapes: dict[str, ShapeBounds] = Field(
+        default_factory=dict,
+        description="For a bare .onnx: each input's non-batch dimensions (axis 1 onwards) served, e.g. "
+        '`{"x": {"opt": [32], "max": [512]}}`, as an engine store\'s options.shapes. Warm-up runs at opt and '
+        "max; the inline decision is timed at max. Ignored for a store entry, whose manifest says.",
     )
 
     intra_op_threads: int = Field(default=0, ge=0, description="ONNX Runtime intra-op threads (0 = its default).")

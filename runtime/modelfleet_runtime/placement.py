@@ -1,0 +1,69 @@
+"""Where batches compute, inline on the event loop or in executor threads, revised from real batches' costs.
+
+Pure (no clock, no loop): the batcher feeds it each batch's measured compute time and asks it before each
+dispatch. Inline is for models whose batches cost less than a thread handoff; a model that costs
+milliseconds must never run on the loop, so the rules are asymmetric (hysteresis):
+- a batch measured at or over the threshold moves computing to the executor at once;
+- back to inline only after `promote_after` real batches in a row all cost under it;
+- even inline, a batch with more input elements than any batch measured under the threshold runs in the
+  executor (and is measured there): a request at a shape never seen cannot block the loop on a guess.
+Where the shapes served are known (the store's max shapes, or no dynamic non-batch axes), warm-up timed at
+the max shapes is a trusted measurement and seeds the placement; otherwise it starts on the executor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """A change of placement, for the log line and the gauge."""
+
+    inline: bool
+    reason: str
+
+
+class Placement:
+    """The current placement and the evidence behind it. Not thread-safe: use it from the loop only."""
+
+    def __init__(
+        self,
+        *,
+        threshold_s: float,
+        promote_after: int,
+        allowed: bool = True,
+        trusted_elements: int = 0,
+    ) -> None:
+        """`trusted_elements` > 0: a measurement under the threshold at that many input elements (warm-up at
+        the max shapes), so start inline; 0: start on the executor. `allowed` False: never go inline."""
+        if promote_after < 1:
+            raise ValueError("promote_after must be >= 1")
+        self.threshold_s = threshold_s
+        self.promote_after = promote_after
+        self.allowed = allowed and threshold_s > 0
+        self._largest = trusted_elements if self.allowed else 0
+        self.inline = self._largest > 0
+        self._streak = 0
+
+    def runs_inline(self, elements: int) -> bool:
+        """Whether a batch of `elements` input elements should compute on the loop."""
+        return self.inline and elements <= self._largest
+
+    def observe(self, elements: int, seconds: float) -> Change | None:
+        """Account one real batch's compute time; the change of placement it causes, if any."""
+        if seconds >= self.threshold_s:
+            self._streak = 0
+            self._largest = 0
+            if self.inline:
+                self.inline = False
+                return Change(False, f"a batch of {elements} input elements computed in {seconds * 1e6:.0f} us")
+            return None
+        self._largest = max(self._largest, elements)
+        if self.inline or not self.allowed:
+            return None
+        self._streak += 1
+        if self._streak < self.promote_after:
+            return None
+        self.inline = True
+        return Change(True, f"{self._streak} batches in a row computed under {self.threshold_s * 1e6:.0f} us")
