@@ -191,7 +191,9 @@ class DataPlane:
             sizes = build_warmup_batch_sizes(
                 max_batch_size=limit, preferred=preferred, profile=source.batch, mode=settings.warmup
             )
-            placement, decided = await self._warm_up(backend, source, sizes if batched else [1])
+            placement, decided = await self._warm_up(
+                backend, source, sizes if batched else [1], limit if batched else 1
+            )
             self._placement = placement
             self._batcher = Batcher(
                 infer=backend.infer,
@@ -227,8 +229,10 @@ class DataPlane:
             decided,
         )
 
-    async def _warm_up(self, backend: Backend, source: ModelSource, sizes: list[int]) -> tuple[Placement, str]:
-        """Warm every size at the opt shapes and the largest at the max shapes; time that to place batches.
+    async def _warm_up(
+        self, backend: Backend, source: ModelSource, sizes: list[int], top: int
+    ) -> tuple[Placement, str]:
+        """Warm every size at the opt shapes and the full batch `top` at the max shapes; time that to place batches.
 
         Returns the placement and, for the ready log line, what was warmed at which shapes and what decided.
         """
@@ -240,14 +244,14 @@ class DataPlane:
             )
         if source.max_shapes:
             await self._in_loader(
-                partial(backend.warmup, [sizes[-1]], iterations=settings.warmup_iterations, dims=source.max_shapes)
+                partial(backend.warmup, [top], iterations=settings.warmup_iterations, dims=source.max_shapes)
             )
-        largest = build_warmup_inputs(backend.inputs, sizes[-1], source.max_shapes or source.opt_shapes)
+        largest = build_warmup_inputs(backend.inputs, top, source.max_shapes or source.opt_shapes)
         compute_s = await self._in_loader(partial(_fastest_run, backend, largest))
         shapes = {name: list(array.shape) for name, array in largest.items()}
         warmed = f" at the opt shapes {dict(source.opt_shapes)}" if source.opt_shapes else ""
         if source.max_shapes:
-            warmed += f" and batch {sizes[-1]} at the max shapes {dict(source.max_shapes)}"
+            warmed += f" and batch {top} at the max shapes {dict(source.max_shapes)}"
         threshold_us = settings.inline_compute_microseconds
         under = compute_s * 1e6 < threshold_us
         if shapes_known(backend.inputs, source.max_shapes):
