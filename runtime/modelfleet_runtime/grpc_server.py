@@ -171,9 +171,10 @@ def encode_grpc_response(
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
     """inference.GRPCInferenceService over the DataPlane; every error is aborted with its status code."""
 
-    def __init__(self, dataplane: DataPlane, *, model_version: str, budget: Any) -> None:
+    def __init__(self, dataplane: DataPlane, *, model_version: str, budget: Any, decode_inline_bytes: int) -> None:
         self.dataplane = dataplane
         self.model_version = model_version
+        self.decode_inline_bytes = decode_inline_bytes  # larger messages decode in the DataPlane's thread
         self.budget = budget  # the REST API's BodyBudget: request bytes held in memory, both protocols
 
     @staticmethod
@@ -221,7 +222,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             size = request.ByteSize()
             self.budget.reserve(size)
             held = size
-            return dp.validated(decode_grpc_request(request, remaining), sig)
+            if size <= self.decode_inline_bytes:
+                return dp.validated(decode_grpc_request(request, remaining), sig)
+            return dp.validated(await dp.off_loop(decode_grpc_request, request, remaining), sig)
 
         def encode(req: InferRequest, outputs: dict[str, np.ndarray], wanted: list[tuple[str, bool]]) -> Any:
             return encode_grpc_response(name, self.model_version, req, outputs, wanted)
@@ -252,7 +255,9 @@ def build_grpc_server(servicer: InferenceServicer, *, max_message_bytes: int, ma
 
 async def start_grpc(dataplane: DataPlane, settings: ServeSettings, budget: Any, max_rpcs: int) -> Any:
     """Bind and start the gRPC server on settings.grpc_port; raises OSError when the port cannot be bound."""
-    servicer = InferenceServicer(dataplane, model_version=settings.model_version, budget=budget)
+    servicer = InferenceServicer(
+        dataplane, model_version=settings.model_version, budget=budget, decode_inline_bytes=settings.decode_inline_bytes
+    )
     server = build_grpc_server(servicer, max_message_bytes=settings.max_request_bytes, max_connections=max_rpcs)
     address = f"[{settings.host}]" if ":" in settings.host else settings.host
     try:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -185,3 +187,22 @@ def test_deadlines_are_deadline_exceeded(start_server: ServerFactory, models: di
         "deadline outcomes:",
         {o: server.metric("modelfleet_grpc_requests_total", outcome=o) for o in ("timeout", "cancelled")},
     )
+
+
+@pytest.mark.timeout(300)
+def test_draining_answers_not_ready_and_unavailable(start_server: ServerFactory, models: dict[str, Path]) -> None:
+    server, address = start_grpc(start_server, models["classifier"], "classifier", drain_delay_seconds="600")
+    client = grpcclient.InferenceServerClient(url=address)
+    inputs = grpc_inputs(input=np.zeros((1, FEATURES), dtype=np.float32))
+    client.infer("classifier", inputs)
+    server.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + GUARD_S
+    while client.is_server_ready() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not client.is_server_ready()
+    assert client.is_server_live()
+    message = expect_error(lambda: client.infer("classifier", inputs), "StatusCode.UNAVAILABLE")
+    assert "draining" in message
+    assert server.metric("modelfleet_grpc_requests_total", outcome="unavailable") == 1
+    assert server.metric("modelfleet_grpc_requests_total", outcome="success") == 1
+    server.kill()
