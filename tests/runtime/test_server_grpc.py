@@ -206,3 +206,28 @@ def test_draining_answers_not_ready_and_unavailable(start_server: ServerFactory,
     assert server.metric("modelfleet_grpc_requests_total", outcome="unavailable") == 1
     assert server.metric("modelfleet_grpc_requests_total", outcome="success") == 1
     server.kill()
+
+
+@pytest.mark.timeout(300)
+def test_a_message_above_the_request_limit_is_resource_exhausted(
+    start_server: ServerFactory, models: dict[str, Path]
+) -> None:
+    _, address = start_grpc(start_server, models["classifier"], "classifier", max_request_bytes="100000")
+    client = grpcclient.InferenceServerClient(url=address)
+    big = grpc_inputs(input=np.zeros((2000, FEATURES), dtype=np.float32))  # 128,000 bytes of tensor data
+    message = expect_error(lambda: client.infer("classifier", big), "StatusCode.RESOURCE_EXHAUSTED")
+    assert "100000" in message
+    small = grpc_inputs(input=np.zeros((1, FEATURES), dtype=np.float32))
+    assert client.infer("classifier", small).as_numpy("probabilities").shape == (1, CLASSES)
+
+
+def test_bad_typed_contents_name_the_tensor(classifier: tuple[ServerProcess, str]) -> None:
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    request = service_pb2.ModelInferRequest(model_name="classifier")
+    tensor = request.inputs.add(name="input", datatype="FP32", shape=[1, FEATURES])
+    tensor.contents.fp32_contents.extend([0.5] * (FEATURES - 1))
+    with grpc.insecure_channel(classifier[1]) as channel, pytest.raises(grpc.RpcError) as info:
+        service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=GUARD_S)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details() == f"input 'input': {FEATURES - 1} values in contents.fp32_contents for shape [1, 16]"
