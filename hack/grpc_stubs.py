@@ -1,5 +1,9 @@
 """Generates the committed OIP v2 gRPC stubs (runtime/modelfleet_runtime/proto/) from the vendored .proto.
 
+grpc_predict_v2.proto is kserve/kserve's docs/predict-api/v2/grpc_predict_v2.proto, unmodified (Apache-2.0,
+its header kept; commit aaac4e294dae2c7b1aa1886447793f3aa1c30912). tritonclient's grpc_service.proto declares
+the same package, service and field numbers for these messages, so Triton's clients talk to it unchanged.
+
 The stubs are committed rather than generated at build time: the runtime images then need no grpcio-tools
 (and no protoc) to build, and the code imported at run time is the code reviewed. tests/runtime/test_grpc_stubs.py
 regenerates them into a temporary folder and fails when the committed files differ (a .proto edit without

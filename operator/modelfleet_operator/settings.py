@@ -80,3 +80,9 @@ class OperatorSettings(BaseSettings):
         if not self.leader_election_renew_deadline_seconds > 1.2 * self.leader_election_retry_period_seconds:
             raise ValueError("leader_election_renew_deadline_seconds must exceed 1.2 x the retry period")
         return self
+
+    @model_validator(mode="after")
+    def _distinct_serving_ports(self) -> Self:
+        if self.serving_grpc_port == self.serving_port:
+            raise ValueError(f"serving_grpc_port must differ from serving_port ({self.serving_port}); 0 turns gRPC off")
+        return self

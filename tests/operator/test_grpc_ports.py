@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 
 from modelfleet_operator.reconcile import Observed, plan
 from modelfleet_operator.resources import build_deployment
@@ -37,3 +38,8 @@ def test_grpc_off_leaves_only_http() -> None:
     assert [p["name"] for p in ports] == ["http"]
     service = kinds(plan(model(), Observed(nodes=FLEET), settings=settings, now=NOW), "Service")[0]
     assert [p["name"] for p in service["spec"]["ports"]] == ["http"]
+
+
+def test_grpc_and_http_cannot_share_a_port() -> None:
+    with pytest.raises(ValidationError, match="serving_grpc_port must differ"):
+        OperatorSettings(serving_port=9000, serving_grpc_port=9000)
