@@ -375,7 +375,7 @@ def plan(im: InferenceModel, observed: Observed, *, settings: OperatorSettings, 
         if arch not in kept:
             desired = build_deployment(im, arch=arch, engine_key_=key, replicas=shares[arch], settings=settings)
             out.apply.append(_with_template_since(desired, _deployment_for(observed, deployment_name(name, arch))))
-    out.apply.append(build_service(im))
+    out.apply.append(build_service(im, settings.serving_grpc_port))
 
     for dep in observed.deployments:
         arch = str((dep["metadata"].get("labels") or {}).get(LABEL_ARCH, ""))

@@ -426,6 +426,9 @@ def build_deployment(
     if gpus:
         resources["limits"][GPU_RESOURCE] = str(gpus)
     port = settings.serving_port
+    ports = [{"name": "http", "containerPort": port, "protocol": "TCP"}]
+    if settings.serving_grpc_port:
+        ports.append({"name": "grpc", "containerPort": settings.serving_grpc_port, "protocol": "TCP"})
 
     def probe(path: str, **extra: int) -> dict[str, Any]:
         return {"httpGet": {"path": path, "port": "http"}, "periodSeconds": 5, **extra}
@@ -442,9 +445,11 @@ def build_deployment(
             name,
             "--http-port",
             str(port),
+            "--grpc-port",
+            str(settings.serving_grpc_port),
         ],
         "env": runtime_env(spec, settings, arch),
-        "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
+        "ports": ports,
         "resources": resources,
         "securityContext": dict(CONTAINER_SECURITY),
         "volumeMounts": mounts,
@@ -505,9 +510,10 @@ def build_deployment(
     return deployment
 
 
-def build_service(im: InferenceModel) -> dict[str, Any]:
-    """One Service over the serving pods of every architecture."""
+def build_service(im: InferenceModel, grpc_port: int = 0) -> dict[str, Any]:
+    """One Service over the serving pods of every architecture: REST on 80, OIP gRPC on `grpc_port` if set."""
     name = im.metadata["name"]
+    grpc = {"name": "grpc", "port": grpc_port, "targetPort": "grpc", "protocol": "TCP", "appProtocol": "grpc"}
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -520,6 +526,7 @@ def build_service(im: InferenceModel) -> dict[str, Any]:
         "spec": {
             "type": "ClusterIP",
             "selector": serving_selector(name),
-            "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}],
+            "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]
+            + ([grpc] if grpc_port else []),
         },
     }

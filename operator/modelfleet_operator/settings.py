@@ -30,6 +30,9 @@ class OperatorSettings(BaseSettings):
     engine_store_path: str = Field("/var/lib/modelfleet/engines", description="Mount path of the engine store.")
     models_path: str = Field("/models", description="Where pvc:// model volumes are mounted: <path>/<claim>.")
     serving_port: int = Field(8080, ge=1, le=65535, description="HTTP port of the runtime in serving pods.")
+    serving_grpc_port: int = Field(
+        8081, ge=0, le=65535, description="OIP v2 gRPC port of the runtime in serving pods (0 = REST only)."
+    )
     build_backoff_limit: int = Field(1, ge=0, description="Retries of a build pod that failed for a transient reason.")
     build_active_deadline_seconds: int = Field(7200, ge=60, description="A build running longer is failed.")
     build_ttl_seconds_after_finished: int = Field(
@@ -76,4 +79,10 @@ class OperatorSettings(BaseSettings):
             raise ValueError("leader_election_lease_duration_seconds must exceed the renew deadline")
         if not self.leader_election_renew_deadline_seconds > 1.2 * self.leader_election_retry_period_seconds:
             raise ValueError("leader_election_renew_deadline_seconds must exceed 1.2 x the retry period")
+        return self
+
+    @model_validator(mode="after")
+    def _distinct_serving_ports(self) -> Self:
+        if self.serving_grpc_port == self.serving_port:
+            raise ValueError(f"serving_grpc_port must differ from serving_port ({self.serving_port}); 0 turns gRPC off")
         return self

@@ -1,4 +1,4 @@
-"""The DataPlane: metadata, health and infer for one served model; REST (and gRPC later) stay thin over it.
+"""The DataPlane: metadata, health and infer for one served model; REST and gRPC stay thin over it.
 
 It owns the model's lifecycle: loading, warming every batch size of the profile, ready, draining on
 SIGTERM. Every infer request ends with exactly one outcome counted in the metrics.
@@ -429,9 +429,10 @@ class DataPlane:
         assert self._batcher is not None  # admitted
         if watch is not None and watch.lost:
             raise ClientGone("the client disconnected before its request was queued")
-        future = self._batcher.submit(
-            request.inputs, size, batch_key(request.inputs, sig), self._timeout_s(request.timeout_us)
-        )
+        timeout_s = self._timeout_s(request.timeout_us)
+        if request.deadline_s is not None:
+            timeout_s = request.deadline_s if timeout_s is None else min(timeout_s, request.deadline_s)
+        future = self._batcher.submit(request.inputs, size, batch_key(request.inputs, sig), timeout_s)
         if self._state is State.DRAINING:
             self._batcher.flush()  # admitted before the drain began, uploaded after it
         return future
@@ -459,10 +460,40 @@ class DataPlane:
         header_length: str | None,
         watch: Watch | None = None,
     ) -> tuple[bytes, int | None]:
-        """Admit, read the body, decode, validate, queue, await the batch, encode.
+        """Admit, read the body, decode, validate, queue, await the batch, encode (REST).
 
         Raises InferenceError subclasses only; `read_body` may raise them too (size, budget, encoding).
         """
+
+        async def decode(sig: ModelSignature) -> Decoded:
+            return await self._decoded(await read_body(), header_length, sig)
+
+        def encode(request: InferRequest, outputs: dict[str, np.ndarray], wanted: list[tuple[str, bool]]) -> Any:
+            return encode_infer_response(
+                model_name=name,
+                model_version=self._settings.model_version,
+                request_id=request.id,
+                outputs=[(n, datatype_of(outputs[n].dtype), np.asarray(outputs[n]), binary) for n, binary in wanted],
+            )
+
+        encoded: tuple[bytes, int | None] = await self.run_infer(name, version, decode, encode, watch)
+        return encoded
+
+    def validated(self, request: InferRequest, sig: ModelSignature) -> Decoded:
+        """A request decoded elsewhere (gRPC), checked against the model as a REST body is."""
+        size = validate_inputs(request.inputs, sig)
+        return request, size, self._requested(request, sig)
+
+    async def run_infer(
+        self,
+        name: str,
+        version: str | None,
+        decode: Callable[[ModelSignature], Awaitable[Decoded]],
+        encode: Callable[[InferRequest, dict[str, np.ndarray], list[tuple[str, bool]]], T],
+        watch: Watch | None = None,
+        protocol: str = "rest",
+    ) -> T:
+        """Any protocol's infer: admit, `decode` (once admitted), queue, await the batch, `encode`; one outcome."""
         started = time.perf_counter()
         self._inflight += 1
         self._idle.clear()
@@ -470,21 +501,18 @@ class DataPlane:
         outcome = "error"
         try:
             sig = self._admit(name, version)
-            body = await read_body()
-            request, size, wanted = await self._decoded(body, header_length, sig)
+            request, size, wanted = await decode(sig)
             future = self._submit(request, size, sig, watch)
             queued = True
             outputs = await self._outputs(future, watch)
-            encoded = encode_infer_response(
-                model_name=name,
-                model_version=self._settings.model_version,
-                request_id=request.id,
-                outputs=[(n, datatype_of(outputs[n].dtype), np.asarray(outputs[n]), binary) for n, binary in wanted],
-            )
+            encoded = encode(request, outputs, wanted)
             outcome = "success"
             return encoded
         except InferenceError as exc:
             outcome = exc.outcome
+            raise
+        except asyncio.CancelledError:
+            outcome = "cancelled"  # the task's caller went (a gRPC client cancelled or its deadline passed)
             raise
         except Exception as exc:
             log.exception("infer on model %s failed", name)
@@ -493,4 +521,4 @@ class DataPlane:
             self._inflight -= 1
             if self._inflight == 0:
                 self._idle.set()
-            self._metrics.request_done(outcome, time.perf_counter() - started if queued else None)
+            self._metrics.request_done(outcome, time.perf_counter() - started if queued else None, protocol)

@@ -102,6 +102,7 @@ class Metrics(BatchObserver, Collector):
     def __init__(self, model: str) -> None:
         self.model = model
         self.counts = dict.fromkeys(OUTCOMES, 0)
+        self.grpc_counts = dict.fromkeys(OUTCOMES, 0)  # the part of `counts` that came over gRPC
         self.request = Histogram(DURATION_BUCKETS)
         self.queue = Histogram(DURATION_BUCKETS)
         self.compute = Histogram(DURATION_BUCKETS)
@@ -127,9 +128,11 @@ class Metrics(BatchObserver, Collector):
         """Whether batches now compute inline on the event loop, read at scrape time (None before ready)."""
         self._inline = inline
 
-    def request_done(self, outcome: str, seconds: float | None) -> None:
+    def request_done(self, outcome: str, seconds: float | None, protocol: str = "rest") -> None:
         """Count one request; `seconds` is given for requests admitted to the queue."""
         self.counts[outcome] += 1
+        if protocol == "grpc":
+            self.grpc_counts[outcome] += 1
         if seconds is not None:
             self.request.observe(seconds)
 
@@ -155,6 +158,14 @@ class Metrics(BatchObserver, Collector):
         for outcome in OUTCOMES:
             requests.add_metric([model, outcome], self.counts[outcome])
         yield requests
+        grpc = CounterMetricFamily(
+            "modelfleet_grpc_requests",
+            "Inference requests over gRPC by outcome; each is counted in modelfleet_requests too.",
+            labels=["model", "outcome"],
+        )
+        for outcome in OUTCOMES:
+            grpc.add_metric([model, outcome], self.grpc_counts[outcome])
+        yield grpc
         yield self.request.family(
             "modelfleet_request_duration_seconds",
             "Time from a request's arrival to its response, for requests admitted to the queue "

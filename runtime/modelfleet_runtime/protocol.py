@@ -152,6 +152,7 @@ class InferRequest:
     outputs: list[RequestedOutput] | None
     binary_output: bool
     timeout_us: int | None
+    deadline_s: float | None = None  # the client's own deadline (gRPC), on top of the queue policy
 
 
 def parse_header_length(value: str | None, body_length: int) -> int | None:
@@ -314,6 +315,26 @@ def _from_json_data(name: str, datatype: str, shape: tuple[int, ...], data: Any)
     return _numbers_from_json(name, datatype, shape, data)
 
 
+def tensor_from_raw(name: str, datatype: str, shape: tuple[int, ...], blob: memoryview) -> np.ndarray:
+    """One input's raw bytes (REST binary data, gRPC raw_input_contents) as an array of its shape."""
+    if datatype == "BYTES":
+        return _bytes_from_binary(name, blob, math.prod(shape)).reshape(shape)
+    dtype = _WIRE_DTYPES[datatype]
+    expected = math.prod(shape) * dtype.itemsize
+    if len(blob) != expected:
+        raise InvalidInput(
+            f"input '{name}': {len(blob)} bytes of binary data, but shape {list(shape)} of {datatype} needs {expected}"
+        )
+    return np.frombuffer(blob, dtype=dtype).reshape(shape)
+
+
+def tensor_to_raw(datatype: str, arr: np.ndarray) -> bytes:
+    """An output's raw bytes: little-endian row-major, BYTES elements length-prefixed (Triton's format)."""
+    if datatype == "BYTES":
+        return _serialize_bytes(arr)
+    return np.ascontiguousarray(arr, dtype=_WIRE_DTYPES[datatype]).tobytes()
+
+
 def decode_infer_request(body: bytes, header_length: int | None) -> InferRequest:
     """Decode an infer request body (JSON, or JSON + binary tensors) into NumPy arrays.
 
@@ -363,19 +384,8 @@ def decode_infer_request(body: bytes, header_length: int | None) -> InferRequest
                     f"input '{name}': binary_data_size {size} runs past the end of the body "
                     f"({len(binary) - offset} bytes left)"
                 )
-            blob = binary[offset : offset + size]
+            inputs[name] = tensor_from_raw(name, datatype, shape, binary[offset : offset + size])
             offset += size
-            if datatype == "BYTES":
-                inputs[name] = _bytes_from_binary(name, blob, math.prod(shape)).reshape(shape)
-            else:
-                dtype = _WIRE_DTYPES[datatype]
-                expected = math.prod(shape) * dtype.itemsize
-                if size != expected:
-                    raise InvalidInput(
-                        f"input '{name}': {size} bytes of binary data, but shape {list(shape)} of {datatype} "
-                        f"needs {expected}"
-                    )
-                inputs[name] = np.frombuffer(blob, dtype=dtype).reshape(shape)
         elif "data" in raw:
             inputs[name] = _from_json_data(name, datatype, shape, raw["data"])
         else:
@@ -468,10 +478,7 @@ def encode_infer_response(
     for name, datatype, arr, binary in outputs:
         entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(arr.shape)}
         if binary:
-            if datatype == "BYTES":
-                blob = _serialize_bytes(arr)
-            else:
-                blob = np.ascontiguousarray(arr, dtype=_WIRE_DTYPES[datatype]).tobytes()
+            blob = tensor_to_raw(datatype, arr)
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:

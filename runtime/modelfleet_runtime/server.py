@@ -569,6 +569,16 @@ async def serve(settings: ServeSettings) -> int:
         limits.max_connections,
         resource.getrlimit(resource.RLIMIT_NOFILE)[0],
     )
+    grpc_server = None
+    if settings.grpc_port:
+        from modelfleet_runtime.grpc_server import start_grpc
+
+        try:
+            grpc_server = await start_grpc(dataplane, settings, app.api.budget, limits.max_connections)
+        except OSError as exc:
+            log.error("%s", exc)
+            sock.close()
+            return 1
     config = build_config(app, settings, limits)
     stop = asyncio.Event()
     server = _uvicorn_server(config, lambda: loop.call_soon_threadsafe(stop.set))
@@ -606,6 +616,8 @@ async def serve(settings: ServeSettings) -> int:
     # uvicorn now closes the listener and idle connections, lets busy ones finish their response, and returns.
     config.timeout_graceful_shutdown = max(1.0, settings.drain_grace_seconds - (time.monotonic() - began))
     server.should_exit = True
+    if grpc_server is not None:  # in-flight RPCs are done (drained); idle channels are closed now
+        await grpc_server.stop(grace=1.0)
     with contextlib.suppress(Exception):
         await serving
     stopping.cancel()
@@ -629,6 +641,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", help="an .onnx file, or an engine-store directory written by modelfleet build")
     parser.add_argument("--name", help="the model name clients use in /v2/models/{name}")
     parser.add_argument("--http-port", type=int, help="HTTP port (default 8000)")
+    parser.add_argument("--grpc-port", type=int, help="gRPC port (default 8081; 0 = no gRPC)")
     parser.add_argument("--host", help="address to listen on (default 0.0.0.0)")
     return parser
 
@@ -643,6 +656,7 @@ def main(argv: list[str] | None = None) -> int:
             "model": args.model,
             "name": args.name,
             "http_port": args.http_port,
+            "grpc_port": args.grpc_port,
             "host": args.host,
         }.items()
         if value is not None

@@ -51,6 +51,9 @@ class ServeSettings(BaseSettings):
     model_version: str = Field(default="1", min_length=1, description="The single version this server serves.")
     host: str = Field(default="0.0.0.0", description="Address to listen on. CLI: --host.")
     http_port: int = Field(default=8000, ge=0, le=65535, description="HTTP port (0 = any free port). CLI: --http-port.")
+    grpc_port: int = Field(
+        default=8081, ge=0, le=65535, description="OIP v2 gRPC port (inference.GRPCInferenceService); 0 = no gRPC."
+    )
 
     max_batch_size: int = Field(
         default=32,

@@ -31,7 +31,8 @@ class ServerProcess:
         self.name = name
         self.log_path = log_path
         child_env = {k: v for k, v in os.environ.items() if not k.startswith("MODELFLEET_")}
-        child_env.update({"MODELFLEET_INTRA_OP_THREADS": "1", **(env or {})})
+        # No gRPC listener unless a test asks for one: servers run side by side, the default port is fixed.
+        child_env.update({"MODELFLEET_INTRA_OP_THREADS": "1", "MODELFLEET_GRPC_PORT": "0", **(env or {})})
         self._log = log_path.open("wb")
         self.proc = subprocess.Popen(
             [
