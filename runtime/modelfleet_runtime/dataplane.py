@@ -31,7 +31,14 @@ from modelfleet_runtime.batching import (
     validate_inputs,
     validate_outputs,
 )
-from modelfleet_runtime.loader import build_model_source, build_warmup_batch_sizes, load_backend
+from modelfleet_runtime.cache import CachedResponse, ResponseCache, build_key, engine_identity, with_id
+from modelfleet_runtime.loader import (
+    ModelSource,
+    build_model_source,
+    build_warmup_batch_sizes,
+    file_sha256,
+    load_backend,
+)
 from modelfleet_runtime.metrics import Metrics
 from modelfleet_runtime.protocol import (
     BackendError,
@@ -89,7 +96,7 @@ class Watch(Protocol):
 
 
 BodyReader = Callable[[], Awaitable[bytes]]
-Decoded = tuple[InferRequest, int, list[tuple[str, bool]]]
+Decoded = tuple[InferRequest, int, list[tuple[str, bool]], bytes | None]  # ..., the response cache key
 
 
 class State(enum.Enum):
@@ -110,6 +117,8 @@ class DataPlane:
         self._batcher: Batcher | None = None
         self._signature: ModelSignature | None = None
         self._platform = ""
+        self._cache: ResponseCache | None = None
+        self._engine = b""
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -169,6 +178,8 @@ class DataPlane:
             source = build_model_source(settings.model)
             backend = await self._in_loader(partial(load_backend, source, settings))
             self._backend = backend
+            if settings.response_cache_bytes:
+                await self._start_cache(source)
             batched = supports_batching(backend.inputs, backend.outputs)
             limit = min(
                 x for x in (settings.max_batch_size, backend.max_batch_size, source.batch and source.batch.max) if x
@@ -223,6 +234,17 @@ class DataPlane:
             compute_s * 1e6,
             "inline on the event loop" if inline else "in executor threads",
         )
+
+    async def _start_cache(self, source: ModelSource) -> None:
+        """The response cache, keyed on this engine's identity (its artifact's sha256, hashed here if the
+        store did not record it), so responses of another engine can never be answered from it."""
+        settings = self._settings
+        sha = source.sha256 or await self._in_loader(partial(file_sha256, source.artifact))
+        assert sha is not None
+        self._engine = engine_identity(key=source.key, sha256=sha, name=settings.name, version=settings.model_version)
+        self._cache = ResponseCache(settings.response_cache_bytes)
+        self._metrics.track_cache(self._cache)
+        log.info("response cache of %d bytes, keyed on engine %s", settings.response_cache_bytes, self._engine.decode())
 
     def begin_drain(self) -> None:
         """Stop admitting work (readiness false, infer 503) and dispatch what is queued without delay."""
@@ -369,7 +391,12 @@ class DataPlane:
     def _decode(self, body: bytes, header_length: str | None, sig: ModelSignature) -> Decoded:
         request = decode_infer_request(body, parse_header_length(header_length, len(body)))
         size = validate_inputs(request.inputs, sig)
-        return request, size, self._requested(request, sig)
+        wanted = self._requested(request, sig)
+        key = None
+        if self._cache is not None:
+            datatypes = {n: datatype_of(a.dtype) for n, a in request.inputs.items()}
+            key = build_key(self._engine, request.inputs, datatypes, wanted)
+        return request, size, wanted, key
 
     async def _decoded(self, body: bytes, header_length: str | None, sig: ModelSignature) -> Decoded:
         if len(body) <= self._settings.decode_inline_bytes:
@@ -404,6 +431,30 @@ class DataPlane:
         finally:
             watch.discard(future.cancel)
 
+    def _cached(self, key: bytes | None) -> CachedResponse | None:
+        return self._cache.get(key) if self._cache is not None and key is not None else None
+
+    def _encode(
+        self,
+        name: str,
+        request: InferRequest,
+        outputs: dict[str, np.ndarray],
+        wanted: list[tuple[str, bool]],
+        key: bytes | None,
+    ) -> tuple[bytes, int | None]:
+        """The response; with the cache on it is encoded without the id, stored, and sent with the id spliced in."""
+        body, length = encode_infer_response(
+            model_name=name,
+            model_version=self._settings.model_version,
+            request_id=request.id if key is None else None,
+            outputs=[(n, datatype_of(outputs[n].dtype), np.asarray(outputs[n]), binary) for n, binary in wanted],
+        )
+        if key is None or self._cache is None:
+            return body, length
+        response = CachedResponse(body, length)
+        self._cache.put(key, response)
+        return with_id(response, request.id)
+
     async def infer(
         self,
         name: str,
@@ -424,16 +475,15 @@ class DataPlane:
         try:
             sig = self._admit(name, version)
             body = await read_body()
-            request, size, wanted = await self._decoded(body, header_length, sig)
+            request, size, wanted, key = await self._decoded(body, header_length, sig)
+            cached = self._cached(key)
+            if cached is not None:  # a hit never enters the queue
+                queued, outcome = True, "success"
+                return with_id(cached, request.id)
             future = self._submit(request, size, sig, watch)
             queued = True
             outputs = await self._outputs(future, watch)
-            encoded = encode_infer_response(
-                model_name=name,
-                model_version=self._settings.model_version,
-                request_id=request.id,
-                outputs=[(n, datatype_of(outputs[n].dtype), np.asarray(outputs[n]), binary) for n, binary in wanted],
-            )
+            encoded = self._encode(name, request, outputs, wanted, key)
             outcome = "success"
             return encoded
         except InferenceError as exc:
