@@ -7,6 +7,10 @@ Admission comes before work: unknown model, not ready, draining and a full queue
 body is read; a request admitted is then seen through even if draining starts while it uploads. Large
 bodies decode in a thread so the event loop keeps answering; a request whose client has gone is not
 submitted, and one already queued is cancelled (the batcher skips cancelled futures).
+
+With the response cache on (cache.py), a request identical to an earlier successful one is answered from
+memory once decoded and validated, without entering the queue; admission (model, state, queue room) still
+comes first, so a full queue refuses hits too, before their bodies are read.
 """
 
 from __future__ import annotations
