@@ -581,6 +581,20 @@ class Placement(_Spec):
     )
 
 
+class ResponseCache(_Spec):
+    """Each serving pod's response cache, with Triton's semantics: a request identical to an earlier successful
+    one (same engine, input tensors and requested outputs) is answered from memory without being computed."""
+
+    enabled: bool = Field(False, description="Cache responses in each serving pod (off by default).")
+    max_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=64 * 1024,
+        le=1 << 40,
+        description="Bytes of responses each pod keeps (least recently used evicted first); counts against the"
+        " pod's memory limit. A response above an eighth of this is never stored.",
+    )
+
+
 class ServingSpec(_Spec):
     """How the engines are served: one Deployment per architecture, one Service over all."""
 
@@ -593,6 +607,7 @@ class ServingSpec(_Spec):
     )
     resources: ServingResources = _nested(ServingResources, "Resources of each serving pod.")
     batching: Batching = _nested(Batching, "Dynamic batching in each serving pod (Triton's knobs).")
+    response_cache: ResponseCache = _nested(ResponseCache, "The response cache of each serving pod (opt-in).")
     placement: Placement = _nested(Placement, "Node selector, tolerations and affinity of serving and build pods.")
 
 

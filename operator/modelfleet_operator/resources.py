@@ -407,6 +407,9 @@ def runtime_env(spec: InferenceModelSpec, settings: OperatorSettings, arch: str 
     out = [{"name": k, "value": str(v)} for k, v in env.items()]
     if b.preferred_batch_sizes:
         out.append({"name": "MODELFLEET_PREFERRED_BATCH_SIZES", "value": json.dumps(b.preferred_batch_sizes)})
+    cache = spec.serving.response_cache
+    if cache.enabled:  # absent otherwise, so models without a cache keep their pod template
+        out.append({"name": "MODELFLEET_RESPONSE_CACHE_BYTES", "value": str(cache.max_bytes)})
     return out + [{"name": "HOME", "value": SCRATCH_PATH}, {"name": "TMPDIR", "value": SCRATCH_PATH}]
 
 

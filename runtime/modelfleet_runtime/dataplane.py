@@ -7,6 +7,10 @@ Admission comes before work: unknown model, not ready, draining and a full queue
 body is read; a request admitted is then seen through even if draining starts while it uploads. Large
 bodies decode in a thread so the event loop keeps answering; a request whose client has gone is not
 submitted, and one already queued is cancelled (the batcher skips cancelled futures).
+
+With the response cache on (cache.py), a request identical to an earlier successful one is answered from
+memory once decoded and validated, without entering the queue; admission (model, state, queue room) still
+comes first, so a full queue refuses hits too, before their bodies are read.
 """
 
 from __future__ import annotations
@@ -31,10 +35,12 @@ from modelfleet_runtime.batching import (
     validate_inputs,
     validate_outputs,
 )
+from modelfleet_runtime.cache import CachedResponse, ResponseCache, build_key, engine_identity, with_id
 from modelfleet_runtime.loader import (
     ModelSource,
     build_model_source,
     build_warmup_batch_sizes,
+    file_sha256,
     load_backend,
     shapes_known,
     with_served_shapes,
@@ -98,6 +104,7 @@ class Watch(Protocol):
 
 BodyReader = Callable[[], Awaitable[bytes]]
 Decoded = tuple[InferRequest, int, list[tuple[str, bool]]]
+Keyed = tuple[InferRequest, int, list[tuple[str, bool]], bytes | None]  # REST: ..., the response cache key
 
 
 class State(enum.Enum):
@@ -119,6 +126,8 @@ class DataPlane:
         self._placement: Placement | None = None
         self._signature: ModelSignature | None = None
         self._platform = ""
+        self._cache: ResponseCache | None = None
+        self._engine = b""
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -179,6 +188,8 @@ class DataPlane:
             source = with_served_shapes(build_model_source(settings.model), settings)
             backend = await self._in_loader(partial(load_backend, source, settings))
             self._backend = backend
+            if settings.response_cache_bytes:
+                await self._start_cache(source)
             batched = supports_batching(backend.inputs, backend.outputs)
             limit = min(
                 x for x in (settings.max_batch_size, backend.max_batch_size, source.batch and source.batch.max) if x
@@ -270,6 +281,17 @@ class DataPlane:
             f"nothing of real requests), so batches start in executor threads and run inline only after "
             f"{settings.inline_after_batches} real batches in a row compute under {threshold_us} us"
         )
+
+    async def _start_cache(self, source: ModelSource) -> None:
+        """The response cache, keyed on this engine's identity (its artifact's sha256, hashed here if the
+        store did not record it), so responses of another engine can never be answered from it."""
+        settings = self._settings
+        sha = source.sha256 or await self._in_loader(partial(file_sha256, source.artifact))
+        assert sha is not None
+        self._engine = engine_identity(key=source.key, sha256=sha, name=settings.name, version=settings.model_version)
+        self._cache = ResponseCache(settings.response_cache_bytes)
+        self._metrics.track_cache(self._cache)
+        log.info("response cache of %d bytes, keyed on engine %s", settings.response_cache_bytes, self._engine.decode())
 
     def begin_drain(self) -> None:
         """Stop admitting work (readiness false, infer 503) and dispatch what is queued without delay."""
@@ -413,12 +435,17 @@ class DataPlane:
             )
         return None
 
-    def _decode(self, body: bytes, header_length: str | None, sig: ModelSignature) -> Decoded:
+    def _decode(self, body: bytes, header_length: str | None, sig: ModelSignature) -> Keyed:
         request = decode_infer_request(body, parse_header_length(header_length, len(body)))
         size = validate_inputs(request.inputs, sig)
-        return request, size, self._requested(request, sig)
+        wanted = self._requested(request, sig)
+        key = None
+        if self._cache is not None:
+            datatypes = {n: datatype_of(a.dtype) for n, a in request.inputs.items()}
+            key = build_key(self._engine, request.inputs, datatypes, wanted)
+        return request, size, wanted, key
 
-    async def _decoded(self, body: bytes, header_length: str | None, sig: ModelSignature) -> Decoded:
+    async def _decoded(self, body: bytes, header_length: str | None, sig: ModelSignature) -> Keyed:
         if len(body) <= self._settings.decode_inline_bytes:
             return self._decode(body, header_length, sig)
         return await self.off_loop(self._decode, body, header_length, sig)
@@ -452,6 +479,30 @@ class DataPlane:
         finally:
             watch.discard(future.cancel)
 
+    def _cached(self, key: bytes | None) -> CachedResponse | None:
+        return self._cache.get(key) if self._cache is not None and key is not None else None
+
+    def _encode(
+        self,
+        name: str,
+        request: InferRequest,
+        outputs: dict[str, np.ndarray],
+        wanted: list[tuple[str, bool]],
+        key: bytes | None,
+    ) -> tuple[bytes, int | None]:
+        """The response; with the cache on it is encoded without the id, stored, and sent with the id spliced in."""
+        body, length = encode_infer_response(
+            model_name=name,
+            model_version=self._settings.model_version,
+            request_id=request.id if key is None else None,
+            outputs=[(n, datatype_of(outputs[n].dtype), np.asarray(outputs[n]), binary) for n, binary in wanted],
+        )
+        if key is None or self._cache is None:
+            return body, length
+        response = CachedResponse(body, length)
+        self._cache.put(key, response)
+        return with_id(response, request.id)
+
     async def infer(
         self,
         name: str,
@@ -465,19 +516,23 @@ class DataPlane:
         Raises InferenceError subclasses only; `read_body` may raise them too (size, budget, encoding).
         """
 
+        key: bytes | None = None  # the response cache's key of this request (REST responses only)
+
         async def decode(sig: ModelSignature) -> Decoded:
-            return await self._decoded(await read_body(), header_length, sig)
+            nonlocal key
+            request, size, wanted, key = await self._decoded(await read_body(), header_length, sig)
+            return request, size, wanted
 
-        def encode(request: InferRequest, outputs: dict[str, np.ndarray], wanted: list[tuple[str, bool]]) -> Any:
-            return encode_infer_response(
-                model_name=name,
-                model_version=self._settings.model_version,
-                request_id=request.id,
-                outputs=[(n, datatype_of(outputs[n].dtype), np.asarray(outputs[n]), binary) for n, binary in wanted],
-            )
+        def hit(request: InferRequest) -> tuple[bytes, int | None] | None:
+            cached = self._cached(key)
+            return None if cached is None else with_id(cached, request.id)
 
-        encoded: tuple[bytes, int | None] = await self.run_infer(name, version, decode, encode, watch)
-        return encoded
+        def encode(
+            request: InferRequest, outputs: dict[str, np.ndarray], wanted: list[tuple[str, bool]]
+        ) -> tuple[bytes, int | None]:
+            return self._encode(name, request, outputs, wanted, key)
+
+        return await self.run_infer(name, version, decode, encode, watch, hit=hit)
 
     def validated(self, request: InferRequest, sig: ModelSignature) -> Decoded:
         """A request decoded elsewhere (gRPC), checked against the model as a REST body is."""
@@ -492,6 +547,7 @@ class DataPlane:
         encode: Callable[[InferRequest, dict[str, np.ndarray], list[tuple[str, bool]]], T],
         watch: Watch | None = None,
         protocol: str = "rest",
+        hit: Callable[[InferRequest], T | None] | None = None,
     ) -> T:
         """Any protocol's infer: admit, `decode` (once admitted), queue, await the batch, `encode`; one outcome."""
         started = time.perf_counter()
@@ -502,6 +558,10 @@ class DataPlane:
         try:
             sig = self._admit(name, version)
             request, size, wanted = await decode(sig)
+            answer = None if hit is None else hit(request)
+            if answer is not None:  # a response cache hit never enters the queue
+                queued, outcome = True, "success"
+                return answer
             future = self._submit(request, size, sig, watch)
             queued = True
             outputs = await self._outputs(future, watch)

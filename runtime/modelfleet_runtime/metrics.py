@@ -21,6 +21,7 @@ from prometheus_client.registry import Collector
 
 from modelfleet_runtime.backends.base import ExecutionProvider
 from modelfleet_runtime.batcher import BatchObserver
+from modelfleet_runtime.cache import ResponseCache
 
 # rejected_memory: the in-flight body budget was full; cancelled: the client went before its answer.
 OUTCOMES = (
@@ -112,6 +113,7 @@ class Metrics(BatchObserver, Collector):
         self._provider: Callable[[], ExecutionProvider | None] = lambda: None
         self._inline: Callable[[], bool | None] = lambda: None
         self.placements = {"inline": 0, "executor": 0}
+        self._cache: ResponseCache | None = None
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
 
@@ -127,6 +129,10 @@ class Metrics(BatchObserver, Collector):
     def track_placement(self, inline: Callable[[], bool | None]) -> None:
         """Whether batches now compute inline on the event loop, read at scrape time (None before ready)."""
         self._inline = inline
+
+    def track_cache(self, cache: ResponseCache) -> None:
+        """The response cache's counters, read at scrape time; no series while the cache is off."""
+        self._cache = cache
 
     def request_done(self, outcome: str, seconds: float | None, protocol: str = "rest") -> None:
         """Count one request; `seconds` is given for requests admitted to the queue."""
@@ -205,8 +211,27 @@ class Metrics(BatchObserver, Collector):
             )
             info.add_metric([model, provider.active, provider.requested], 1)
             yield info
-
         yield from self._placement_families()
+        if self._cache is not None:
+            yield from self._cache_families(self._cache)
+
+    def _cache_families(self, cache: ResponseCache) -> Iterator[Metric]:
+        model = self.model
+        for name, doc, value in (
+            ("hits", "Infer requests answered from the response cache.", cache.hits),
+            ("misses", "Infer requests looked up in the response cache and not found.", cache.misses),
+            ("evictions", "Entries evicted from the response cache to make room (LRU).", cache.evictions),
+        ):
+            counter = CounterMetricFamily(f"modelfleet_response_cache_{name}", doc, labels=["model"])
+            counter.add_metric([model], value)
+            yield counter
+        for name, doc, value in (
+            ("bytes", "Bytes the response cache holds (responses plus a fixed overhead per entry).", cache.bytes),
+            ("entries", "Responses the response cache holds.", len(cache)),
+        ):
+            gauge = GaugeMetricFamily(f"modelfleet_response_cache_{name}", doc, labels=["model"])
+            gauge.add_metric([model], value)
+            yield gauge
 
     def _placement_families(self) -> Iterator[Metric]:
         model = self.model

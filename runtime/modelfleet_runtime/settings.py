@@ -227,6 +227,14 @@ class ServeSettings(BaseSettings):
         description="ONNX Runtime I/O binding: auto = on when the first provider is a GPU one.",
     )
 
+    response_cache_bytes: int = Field(
+        default=0,
+        ge=0,
+        description="The response cache (Triton's semantics): a request identical to an earlier successful one "
+        "(same engine, input tensors and requested outputs) is answered with the stored response bytes without "
+        "entering the batching queue. An LRU of at most this many bytes; 0 = off.",
+    )
+
     warmup: Literal["profile", "all"] = Field(
         default="profile",
         description="Batch sizes warmed up before the server reports ready: `profile` = 1, the preferred "
