@@ -44,8 +44,8 @@ from modelfleet_runtime.build.options import (
 from modelfleet_runtime.selfcheck import ConflictingDistributions, check_onnxruntime
 
 if TYPE_CHECKING:
-    from modelfleet_runtime.build.accuracy import Feeds, Runner
-    from modelfleet_runtime.build.labeled import EvaluationReport, LabeledSet
+    from modelfleet_runtime.build.accuracy import Feeds
+    from modelfleet_runtime.build.labeled import LabeledSet
     from modelfleet_runtime.build.precision import Prepared
     from modelfleet_runtime.build.validate import ModelSpec, TensorSpec
 
@@ -407,6 +407,7 @@ def _build_and_publish(
     from modelfleet_runtime.build import accuracy, ort
     from modelfleet_runtime.build import store as store_mod
     from modelfleet_runtime.build.fetch import file_sha256
+    from modelfleet_runtime.build.labeled import check as labeled_check
     from modelfleet_runtime.build.validate import validate_model
 
     store = request.store
@@ -471,7 +472,7 @@ def _build_and_publish(
                 gate=gate,
                 classifiers=frozenset(t.name for t in spec.outputs if t.classifier_shaped),
             )
-            labeled = None if evaluation is None else _labeled_gate(evaluation, reference, candidate, options)
+            labeled = None if evaluation is None else labeled_check(evaluation, reference, candidate, options)
             result.accuracy = outcome.report.as_dict(camel=True)
             notes.append(outcome.message)
             if labeled is not None:
@@ -572,22 +573,6 @@ def _load_evaluation(path: Path, spec: ModelSpec, options: BuildOptions) -> tupl
 
     output = labeled.classifier_output(spec, options.accuracy.evaluation_output)
     return labeled.load_evaluation(path, spec, classes=labeled.class_count(output)), output
-
-
-def _labeled_gate(
-    evaluation: tuple[LabeledSet, TensorSpec], reference: Runner, candidate: Runner, options: BuildOptions
-) -> EvaluationReport:
-    from modelfleet_runtime.build import labeled
-
-    data, output = evaluation
-    return labeled.run_evaluation(
-        reference=reference,
-        candidate=candidate,
-        data=data,
-        output=output,
-        batch=options.batch,
-        max_accuracy_drop=options.accuracy.max_accuracy_drop,
-    )
 
 
 def prepares(options: BuildOptions, *, architecture: str) -> bool:

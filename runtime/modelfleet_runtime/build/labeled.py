@@ -18,7 +18,7 @@ import numpy.typing as npt
 
 from modelfleet_runtime.build import BuildFailed, InvalidOptions
 from modelfleet_runtime.build.accuracy import Array, Feeds, Runner, input_feeds, read_npz
-from modelfleet_runtime.build.options import BatchProfile
+from modelfleet_runtime.build.options import BatchProfile, BuildOptions
 from modelfleet_runtime.build.validate import ModelSpec, TensorSpec
 
 LABELS = "labels"
@@ -197,4 +197,19 @@ def run_evaluation(
         reference_correct=int((ref == data.labels).sum()),
         correct=int((cand == data.labels).sum()),
         max_accuracy_drop=max_accuracy_drop,
+    )
+
+
+def check(
+    evaluation: tuple[LabeledSet, TensorSpec], reference: Runner, candidate: Runner, options: BuildOptions
+) -> EvaluationReport:
+    """The labeled gate of a build: score both on the set, with the options' batch profile and drop limit."""
+    data, output = evaluation
+    return run_evaluation(
+        reference=reference,
+        candidate=candidate,
+        data=data,
+        output=output,
+        batch=options.batch,
+        max_accuracy_drop=options.accuracy.max_accuracy_drop,
     )

@@ -36,13 +36,14 @@ from typing import TYPE_CHECKING, Any
 
 from modelfleet_runtime.build import AccuracyGateFailed, BuildFailed, InvalidOptions, Unsupported
 from modelfleet_runtime.build import store as store_mod
-from modelfleet_runtime.build.accuracy import Feeds, Runner, gate_batches, onnxruntime_runner, run_gate, split_batches
+from modelfleet_runtime.build.accuracy import Feeds, gate_batches, onnxruntime_runner, run_gate, split_batches
 from modelfleet_runtime.build.fetch import file_sha256
+from modelfleet_runtime.build.labeled import check as labeled_check
 from modelfleet_runtime.build.options import PREPARE_SCHEMES, BuildOptions, Precision
 from modelfleet_runtime.build.validate import ModelSpec
 
 if TYPE_CHECKING:
-    from modelfleet_runtime.build.labeled import EvaluationReport, LabeledSet
+    from modelfleet_runtime.build.labeled import LabeledSet
     from modelfleet_runtime.build.validate import TensorSpec
 
     Evaluation = tuple[LabeledSet, TensorSpec]
@@ -174,7 +175,7 @@ def _make(
             gate=options.accuracy.resolved(options.precision),
             classifiers=frozenset(t.name for t in spec.outputs if t.classifier_shaped),
         )
-        labeled = None if evaluation is None else _labeled(evaluation, reference, candidate, options)
+        labeled = None if evaluation is None else labeled_check(evaluation, reference, candidate, options)
         failures = [outcome.message] if not outcome.passed else []
         failures += [labeled.message] if labeled is not None and not labeled.passed else []
         if failures:
@@ -201,20 +202,6 @@ def _make(
         return store_mod.publish(store=root, key=key, staging=staging).manifest
     finally:
         store_mod.discard(staging)
-
-
-def _labeled(evaluation: Evaluation, reference: Runner, candidate: Runner, options: BuildOptions) -> EvaluationReport:
-    from modelfleet_runtime.build import labeled
-
-    data, output = evaluation
-    return labeled.run_evaluation(
-        reference=reference,
-        candidate=candidate,
-        data=data,
-        output=output,
-        batch=options.batch,
-        max_accuracy_drop=options.accuracy.max_accuracy_drop,
-    )
 
 
 def _summary(manifest: dict[str, Any]) -> dict[str, Any]:
