@@ -210,6 +210,7 @@ class Server:
                 "MODELFLEET_INTRA_OP_THREADS": str(case.threads),
                 "MODELFLEET_INSTANCES": str(case.instances),
                 "MODELFLEET_MAX_QUEUE_SIZE": "0",
+                "MODELFLEET_GRPC_PORT": "0",  # REST only: servers side by side need no port of their own
                 "MODELFLEET_LOG_LEVEL": "info",  # the "listening on" line gives the port
                 **case.env,
             }

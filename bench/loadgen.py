@@ -275,6 +275,26 @@ def _encode_all(requests: Sequence[HttpRequest], host: str) -> list[bytes]:
     return [r.encode(host) for r in requests]
 
 
+def poisson_arrivals(
+    rng: np.random.Generator, schedule: Sequence[tuple[float, float]], duration_s: float
+) -> np.ndarray:
+    """Arrival times in [0, duration_s) of a Poisson process whose rate follows `schedule`, repeated."""
+    parts: list[np.ndarray] = []
+    begin = 0.0
+    while begin < duration_s:
+        for seconds, rate in schedule:
+            end = min(begin + seconds, duration_s)
+            expected = rate * (end - begin)
+            # Enough gaps to cover the segment (mean + 6 sigma), then cut at its end.
+            gaps = rng.exponential(1.0 / rate, size=int(expected + 6 * math.sqrt(expected) + 16))
+            times = begin + np.cumsum(gaps)
+            parts.append(times[times < end])
+            begin = end
+            if begin >= duration_s:
+                break
+    return np.concatenate(parts)
+
+
 async def run_open_loop(
     *,
     host: str,
@@ -286,8 +306,12 @@ async def run_open_loop(
     connections: int = 64,
     seed: int = 0,
     drain_timeout_s: float = 30.0,
+    schedule: Sequence[tuple[float, float]] = (),
 ) -> LoadResult:
     """Offer Poisson arrivals at `rate`/s for `duration_s` (and at most `max_requests`), cycling `requests`.
+
+    `schedule`, when given, makes the rate piecewise constant: (seconds, rate) segments repeated over the
+    window (a bursty trace); `rate` is then only reported.
 
     Requests are released at their scheduled times onto `connections` keep-alive connections; when all are
     busy a request waits for one, and that wait counts in its latency. After the window, outstanding
@@ -297,11 +321,7 @@ async def run_open_loop(
     if rate <= 0 or duration_s <= 0:
         raise ValueError("rate and duration must be positive")
     rng = np.random.default_rng(seed)
-    expected = rate * duration_s
-    # Draw enough gaps to cover the window (mean + 6 sigma), then cut at the window's end.
-    count = int(expected + 6 * math.sqrt(expected) + 16)
-    arrivals = np.cumsum(rng.exponential(1.0 / rate, size=count))
-    arrivals = arrivals[arrivals < duration_s]
+    arrivals = poisson_arrivals(rng, schedule or [(duration_s, rate)], duration_s)
     if max_requests is not None:
         arrivals = arrivals[:max_requests]
     loop = asyncio.get_running_loop()

@@ -492,12 +492,18 @@ class Batching(_Spec):
         description="Batch sizes dispatched as soon as they form, without waiting for the queue delay.",
         json_schema_extra={"x-kubernetes-list-type": "set"},
     )
-    max_queue_delay_microseconds: int = Field(
-        1000,
+    max_queue_delay_microseconds: int | None = Field(
+        None,
         ge=0,
         le=10_000_000,
-        description="Longest a request waits for others to join its batch, in microseconds. 1 ms (default)"
-        " is small against typical latency targets and lets bursts merge.",
+        description="Longest a request waits for others to join its batch, in microseconds. Absent: adaptive"
+        " batching chooses the delay online; with adaptive: true, the most it may choose.",
+    )
+    adaptive: bool | None = Field(
+        None,
+        description="Choose the queue delay and a batch-size limit online, from measured batch compute times and"
+        " the arrival rate, to keep p99 within the autoscaling p99 target (100 ms without one) while maximising"
+        " throughput. Absent: adaptive when maxQueueDelayMicroseconds is absent.",
     )
     max_queue_size: int = Field(
         1024, ge=1, le=1_000_000, description="Requests queued at most; beyond it requests get 503 at once."
@@ -508,6 +514,10 @@ class Batching(_Spec):
         le=3_600_000_000,
         description="Requests queued longer than this are rejected, never run late; 0 means no timeout.",
     )
+
+    @property
+    def is_adaptive(self) -> bool:
+        return self.adaptive if self.adaptive is not None else self.max_queue_delay_microseconds is None
 
     @model_validator(mode="after")
     def _check(self) -> Batching:

@@ -392,6 +392,17 @@ def build_drain_grace(settings: OperatorSettings) -> int:
     return max(1, grace - min(EXIT_MARGIN_SECONDS, grace // 2))
 
 
+def adaptive_env(spec: InferenceModelSpec) -> dict[str, object]:
+    """Adaptive batching's switch and p99 target (the autoscaling one when set); nothing when it is off."""
+    if not spec.serving.batching.is_adaptive:
+        return {}
+    env: dict[str, object] = {"MODELFLEET_BATCHING_ADAPTIVE": "true"}
+    target_ms = spec.autoscaling.target_p99_latency_milliseconds if spec.autoscaling else None
+    if target_ms is not None:
+        env["MODELFLEET_BATCHING_P99_TARGET_MICROSECONDS"] = max(1000, round(target_ms * 1000))
+    return env
+
+
 def runtime_env(spec: InferenceModelSpec, settings: OperatorSettings, arch: str | None = None) -> list[dict[str, str]]:
     """Serving settings for `modelfleet serve`, as its MODELFLEET_ environment; MODELFLEET_ARCHITECTURE tells the
     runtime whether it should compute on a GPU (smXY), so it reports a CPU fallback."""
@@ -400,9 +411,10 @@ def runtime_env(spec: InferenceModelSpec, settings: OperatorSettings, arch: str 
         **({"MODELFLEET_ARCHITECTURE": arch} if arch else {}),
         "MODELFLEET_DRAIN_GRACE_SECONDS": build_drain_grace(settings),
         "MODELFLEET_MAX_BATCH_SIZE": b.max_batch_size if b.max_batch_size is not None else spec.engine.batch.max,
-        "MODELFLEET_MAX_QUEUE_DELAY_MICROSECONDS": b.max_queue_delay_microseconds,
+        "MODELFLEET_MAX_QUEUE_DELAY_MICROSECONDS": b.max_queue_delay_microseconds or 0,
         "MODELFLEET_MAX_QUEUE_SIZE": b.max_queue_size,
         "MODELFLEET_DEFAULT_TIMEOUT_MICROSECONDS": b.default_timeout_microseconds,
+        **adaptive_env(spec),
     }
     out = [{"name": k, "value": str(v)} for k, v in env.items()]
     if b.preferred_batch_sizes:

@@ -14,6 +14,8 @@ concurrency, driven by events rather than a polling coroutine:
   from a measurement) runs on the loop instead: for it the handoff and its GIL round trip cost more
   than the work, and blocking the loop for a few microseconds costs less than either. With a `Placement`
   the choice is made per batch and revised from real batches' compute times (see placement.py);
+- with a `Tuner` (adaptive batching) the batch-size limit and the queue delay are chosen online from
+  measured batch compute times and the arrival rate, to keep p99 within a target (see adaptive.py);
 - a batch that fails on a request's values (`InvalidInput` from the backend: an out-of-range token id,
   say) is computed again one request at a time, in the same worker, so the bad request fails alone with
   its 400 and the others get their answers; any other failure fails only the batch's own requests, each
@@ -35,6 +37,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from modelfleet_runtime.adaptive import Choice, Tuner
 from modelfleet_runtime.batching import BatchMismatch, merge, plan_batch, split
 from modelfleet_runtime.placement import Placement
 from modelfleet_runtime.protocol import BackendError, DeadlineExceeded, InvalidInput, QueueFull
@@ -67,6 +70,9 @@ class BatchObserver:
 
     def placed(self, inline: bool) -> None:
         """A batch was dispatched inline on the loop (True) or to an executor thread (False)."""
+
+    def tuned(self, choice: Choice) -> None:
+        """Adaptive batching changed its batch limit or queue delay."""
 
 
 @dataclass(slots=True)
@@ -115,8 +121,10 @@ class Batcher:
         config: BatcherConfig,
         observer: BatchObserver | None = None,
         placement: Placement | None = None,
+        tuner: Tuner | None = None,
     ) -> None:
-        """`placement` decides inline or executor per batch; without it `config.inline` holds throughout."""
+        """`placement` decides inline or executor per batch; without it `config.inline` holds throughout.
+        `tuner` chooses the batch limit and queue delay online; without it they are the config's."""
         if config.batched and any(p > config.max_batch_size for p in config.preferred_batch_sizes):
             raise ValueError("preferred batch sizes must not exceed max_batch_size")
         if config.max_batch_size < 1 or config.instances < 1:
@@ -127,6 +135,8 @@ class Batcher:
         self._max = config.max_batch_size if config.batched else 1
         self._observer = observer or BatchObserver()
         self._placement = placement
+        self._tuner = tuner
+        self._choice: Choice | None = None
         self._loop = asyncio.get_running_loop()
         self._queue: deque[_Pending] = deque()
         self._queued_items = 0
@@ -177,11 +187,13 @@ class Batcher:
         first = not self._queue
         self._queue.append(item)
         self._queued_items += size
+        if self._tuner is not None:
+            self._tuner.arrived(size, now)
         # Only events that can change plan_batch's answer are worth a pump: otherwise the delay timer or
         # the end of the running batch will look at the queue anyway.
         if self._busy < self._config.instances and (
             first
-            or self._queued_items >= self._max
+            or self._queued_items >= self._limits(now)[0]
             or self._queued_items in self._config.preferred_batch_sizes
             or key != self._queue[0].key
         ):
@@ -223,6 +235,23 @@ class Batcher:
             if not item.future.done():
                 yield item.size, item.key
 
+    def _limits(self, now: float) -> tuple[int, float]:
+        """The batch limit and queue delay in force: the tuner's current choice, else the config's."""
+        if self._tuner is None:
+            return self._max, self._config.max_queue_delay_s
+        choice = self._tuner.current(now, self._queued_items)
+        if choice is not self._choice:
+            if self._choice is None or choice.limit != self._choice.limit:
+                log.info(
+                    "adaptive batching: batch limit %d, queue delay %.0f us: %s",
+                    choice.limit,
+                    choice.delay_s * 1e6,
+                    choice.reason,
+                )
+            self._choice = choice
+            self._observer.tuned(choice)
+        return min(choice.limit, self._max), choice.delay_s
+
     def _on_timer(self) -> None:
         self._timer = None
         self._pump()
@@ -249,10 +278,11 @@ class Batcher:
                 self._flush = False
                 return
             now = self._loop.time()
-            ready_at = self._queue[0].enqueued + self._config.max_queue_delay_s
+            limit, delay_s = self._limits(now)
+            ready_at = self._queue[0].enqueued + delay_s
             count = plan_batch(
                 self._live(),
-                max_batch_size=self._max,
+                max_batch_size=limit,
                 preferred=self._config.preferred_batch_sizes,
                 delay_expired=self._flush or now >= ready_at,
             )
@@ -395,6 +425,8 @@ class Batcher:
             return [_batch_error(what, result)] * len(sizes)
         for items, seconds in result.runs:
             self._observer.computed(items, seconds)
+            if self._tuner is not None:
+                self._tuner.computed(items, seconds)
             per_item = seconds / items
             self._item_s = per_item if self._item_s is None else 0.8 * self._item_s + 0.2 * per_item
         if result.retried is not None:

@@ -26,6 +26,7 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
+from modelfleet_runtime.adaptive import Tuner
 from modelfleet_runtime.backends.base import Backend, ExecutionProvider, build_warmup_inputs
 from modelfleet_runtime.batcher import Batcher, BatcherConfig
 from modelfleet_runtime.batching import (
@@ -220,6 +221,7 @@ class DataPlane:
                 ),
                 observer=self._metrics,
                 placement=placement,
+                tuner=self._tuner(limit) if batched and settings.batching_adaptive else None,
             )
         except asyncio.CancelledError:
             raise
@@ -239,6 +241,13 @@ class DataPlane:
             sizes if batched else [1],
             decided,
         )
+
+    def _tuner(self, limit: int) -> Tuner:
+        settings = self._settings
+        target_s = settings.batching_p99_target_microseconds / 1e6
+        bound = settings.max_queue_delay_microseconds / 1e6 or target_s
+        log.info("adaptive batching: p99 target %.0f ms, queue delay at most %.0f us", target_s * 1e3, bound * 1e6)
+        return Tuner(max_batch_size=limit, instances=settings.instances, target_s=target_s, max_delay_s=bound)
 
     async def _warm_up(
         self, backend: Backend, source: ModelSource, sizes: list[int], top: int

@@ -19,6 +19,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
+from modelfleet_runtime.adaptive import Choice
 from modelfleet_runtime.backends.base import ExecutionProvider
 from modelfleet_runtime.batcher import BatchObserver
 from modelfleet_runtime.cache import ResponseCache
@@ -113,6 +114,8 @@ class Metrics(BatchObserver, Collector):
         self._provider: Callable[[], ExecutionProvider | None] = lambda: None
         self._inline: Callable[[], bool | None] = lambda: None
         self.placements = {"inline": 0, "executor": 0}
+        self.tuned_choice: Choice | None = None  # adaptive batching's current choice; None when off
+        self.tunings = 0
         self._cache: ResponseCache | None = None
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
@@ -152,6 +155,10 @@ class Metrics(BatchObserver, Collector):
 
     def placed(self, inline: bool) -> None:
         self.placements["inline" if inline else "executor"] += 1
+
+    def tuned(self, choice: Choice) -> None:
+        self.tuned_choice = choice
+        self.tunings += 1
 
     # Collector
     def collect(self) -> Iterator[Metric]:
@@ -212,6 +219,8 @@ class Metrics(BatchObserver, Collector):
             info.add_metric([model, provider.active, provider.requested], 1)
             yield info
         yield from self._placement_families()
+        if self.tuned_choice is not None:
+            yield from self._tuning_families(self.tuned_choice)
         if self._cache is not None:
             yield from self._cache_families(self._cache)
 
@@ -253,6 +262,27 @@ class Metrics(BatchObserver, Collector):
             )
             gauge.add_metric([model], 1 if inline else 0)
             yield gauge
+
+    def _tuning_families(self, choice: Choice) -> Iterator[Metric]:
+        model = self.model
+        for name, doc, value in (
+            ("modelfleet_batch_limit", "The largest batch adaptive batching now dispatches.", choice.limit),
+            (
+                "modelfleet_queue_delay_target_seconds",
+                "The queue delay adaptive batching now waits, at most, for a batch to fill.",
+                choice.delay_s,
+            ),
+        ):
+            gauge = GaugeMetricFamily(name, doc, labels=["model"])
+            gauge.add_metric([model], value)
+            yield gauge
+        changes = CounterMetricFamily(
+            "modelfleet_batching_changes",
+            "Changes of batch limit or queue delay adaptive batching made.",
+            labels=["model"],
+        )
+        changes.add_metric([model], self.tunings)
+        yield changes
 
     def render(self) -> bytes:
         data: bytes = generate_latest(self.registry)

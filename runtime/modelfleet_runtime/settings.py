@@ -72,6 +72,18 @@ class ServeSettings(BaseSettings):
         description="maxQueueDelayMicroseconds: how long the oldest queued request may wait for a batch to "
         "fill before whatever is queued is dispatched. 0 = dispatch at once (batches still form under load).",
     )
+    batching_adaptive: bool = Field(
+        default=False,
+        description="Choose the batch-size limit and queue delay online, from measured batch compute times and "
+        "the arrival rate, to keep p99 within batching_p99_target_microseconds while maximising throughput "
+        "(see adaptive.py). max_queue_delay_microseconds, when set, bounds the delay it may choose.",
+    )
+    batching_p99_target_microseconds: int = Field(
+        default=100_000,
+        ge=1000,
+        description="The p99 latency adaptive batching aims for (the InferenceModel's autoscaling p99 target "
+        "when it has one).",
+    )
     max_queue_size: int = Field(
         default=1024,
         ge=0,

@@ -522,10 +522,12 @@ def test_defaults_are_the_documented_ones() -> None:
     assert serving.batching == api.Batching(
         max_batch_size=None,
         preferred_batch_sizes=[],
-        max_queue_delay_microseconds=1000,
+        max_queue_delay_microseconds=None,
+        adaptive=None,
         max_queue_size=1024,
         default_timeout_microseconds=0,
     )
+    assert serving.batching.is_adaptive  # no delay given: the batcher tunes itself
     assert serving.image is None
     assert spec.replicas is None
     assert spec.autoscaling is None
@@ -546,7 +548,9 @@ def test_crd_defaulting_of_an_empty_engine_fills_every_default() -> None:
     defaulted = crdgen.apply_defaults(schema, {"model": {"uri": "pvc://m/x.onnx"}, "engine": {}})
     assert defaulted["engine"]["batch"] == {"min": 1, "opt": 16, "max": 32}
     assert defaulted["engine"]["precision"] == "fp16"
-    assert defaulted["serving"]["batching"]["maxQueueDelayMicroseconds"] == 1000
+    assert defaulted["serving"]["batching"]["maxQueueSize"] == 1024
+    # No queue delay is defaulted: absent, the batcher tunes itself (a stored default would pin it).
+    assert "maxQueueDelayMicroseconds" not in defaulted["serving"]["batching"]
 
 
 @pytest.mark.parametrize("path", [*EXAMPLES, None], ids=[*(p.stem for p in EXAMPLES), "base"])
@@ -555,7 +559,7 @@ def test_dumped_spec_parses_back_to_the_same_spec(path: Path | None) -> None:
     spec = api.parse_inference_model(obj).spec
     dumped = api.dump_spec(spec)
     assert api.InferenceModelSpec.model_validate(dumped) == spec
-    assert "maxQueueDelayMicroseconds" in dumped["serving"]["batching"]  # camelCase on the way out
+    assert "defaultTimeoutMicroseconds" in dumped["serving"]["batching"]  # camelCase on the way out
 
 
 def test_explicit_nulls_read_as_absent() -> None:

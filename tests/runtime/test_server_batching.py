@@ -186,3 +186,32 @@ def test_a_batch_of_valid_requests_is_computed_once(start_server: ServerFactory,
         np.testing.assert_array_equal(request.get_result(timeout=120).as_numpy("row"), [[np.arange(4) + 4 * (i % 10)]])
     assert batch_histogram(server) == (1, VALID, 0)
     assert "one by one" not in server.log()
+
+
+@pytest.mark.timeout(300)
+def test_adaptive_batching_tunes_itself_and_answers_every_request_right(
+    start_server: ServerFactory, models: dict[str, Path]
+) -> None:
+    server = start_server(models["classifier"], "classifier", max_batch_size="64", batching_adaptive="true")
+    assert "adaptive batching: p99 target 100 ms" in server.log()
+    client = httpclient.InferenceServerClient(url=server.host, concurrency=CONCURRENT, network_timeout=120)
+    rng = np.random.default_rng(7)
+    xs = [rng.normal(size=(1, FEATURES)).astype(np.float32) for _ in range(200)]
+    for x in xs[:50]:  # one at a time: light load
+        inp = httpclient.InferInput("input", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        np.testing.assert_allclose(
+            client.infer("classifier", [inp]).as_numpy("probabilities"), classifier_reference(x), rtol=1e-5, atol=1e-6
+        )
+    # Microsecond batches fit any latency target, and single requests keep up: the whole batch, no delay.
+    assert server.metric("modelfleet_batch_limit") == 64
+    assert server.metric("modelfleet_queue_delay_target_seconds") == 0
+    requests = []
+    for x in xs[50:]:
+        inp = httpclient.InferInput("input", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x, binary_data=True)
+        requests.append([inp])
+    results = send_concurrently(client, "classifier", requests)
+    for x, result in zip(xs[50:], results, strict=True):
+        np.testing.assert_allclose(result.as_numpy("probabilities"), classifier_reference(x), rtol=1e-5, atol=1e-6)
+    assert server.metric("modelfleet_batching_changes_total") >= 1

@@ -1,0 +1,169 @@
+"""Batch parameters tuned online: the batch-size limit and queue delay that keep p99 within a target.
+
+Pure (the caller passes the time): the batcher reports arrivals and each batch's measured compute time and
+asks for the current choice before dispatching. Two estimates drive it:
+- the cost of a batch of b items, `a + k*b`, a least-squares line over recent batches (older ones forgotten
+  geometrically); until two sizes have been seen, cost is taken as proportional to b (no batching gain
+  assumed, the cautious reading);
+- the arrival rate, items per second, an exponentially decayed count.
+The rules, in order:
+1. **limit**: the largest batch whose compute fits half the p99 target, so a request's own batch leaves the
+   other half for queueing. If at that size the instances would be busy more than `BUSY` of the time with
+   the demand (the arrival rate, plus the backlog drained within half the target), the smallest larger
+   batch that brings them under it, else the one that drains fastest: the SLO is then better served by
+   bigger batches than by a queue that grows;
+2. **delay**: none while single requests keep up (utilization of batch-1 dispatch under `comfortable`):
+   any wait is then pure latency. Otherwise wait up to the time the arrivals need to fill the limit, at most
+   a tenth of the target (and at most `max_delay_s`), so free instances compute full batches instead of
+   spending their cost per batch on single requests.
+Under load the queue fills while the instances are busy whatever the delay, so the limit is what bounds
+p99 there; the delay matters when an instance is free.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+FORGET = 0.97  # weight kept by the previous batches at each new one: a memory of ~30 batches
+RATE_TAU_S = 1.0  # time constant of the arrival-rate estimate
+BATCH_SHARE = 0.5  # share of the p99 target a batch's own compute may take
+DELAY_SHARE = 0.1  # share of the p99 target the queue delay may take
+COMFORTABLE = 0.5  # batch-1 utilization under which requests are dispatched at once
+BUSY = 0.8  # utilization above which the limit grows past the batch that fits the target
+RECHOOSE_S = 0.02  # a choice is kept this long before it is computed again
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """What the batcher uses now, and why (for the log line and the metrics)."""
+
+    limit: int
+    delay_s: float
+    reason: str
+
+
+class CostModel:
+    """Batch compute seconds as `a + k*b`, fitted by least squares with geometric forgetting."""
+
+    def __init__(self) -> None:
+        self._w = self._x = self._y = self._xx = self._xy = 0.0
+
+    def observe(self, items: int, seconds: float) -> None:
+        f = FORGET
+        self._w = self._w * f + 1.0
+        self._x = self._x * f + items
+        self._y = self._y * f + seconds
+        self._xx = self._xx * f + items * items
+        self._xy = self._xy * f + items * seconds
+
+    @property
+    def known(self) -> bool:
+        return self._w > 0
+
+    def line(self) -> tuple[float, float]:
+        """(a, k): seconds per batch and per item. Proportional (a = 0) while the sizes seen do not vary."""
+        if not self.known:
+            return 0.0, 0.0
+        spread = self._w * self._xx - self._x * self._x
+        if spread > 0.25 * self._w * self._w:  # the sizes seen vary by about one item or more
+            k = (self._w * self._xy - self._x * self._y) / spread
+            a = (self._y - k * self._x) / self._w
+            if a >= 0 and k > 0:
+                return a, k
+        return 0.0, self._xy / self._xx
+
+    def cost(self, items: int) -> float:
+        a, k = self.line()
+        return a + k * items
+
+
+class RateMeter:
+    """Arrivals per second, an exponentially decayed count (time constant `RATE_TAU_S`)."""
+
+    def __init__(self) -> None:
+        self._count = 0.0
+        self._at: float | None = None
+
+    def add(self, items: int, now: float) -> None:
+        self._count = self._decayed(now) + items
+        self._at = now
+
+    def rate(self, now: float) -> float:
+        return self._decayed(now) / RATE_TAU_S
+
+    def _decayed(self, now: float) -> float:
+        if self._at is None:
+            return 0.0
+        return self._count * math.exp(-max(0.0, now - self._at) / RATE_TAU_S)
+
+
+class Tuner:
+    """The online choice of batch limit and queue delay for one batcher. Use it from the loop only."""
+
+    def __init__(self, *, max_batch_size: int, instances: int, target_s: float, max_delay_s: float) -> None:
+        if max_batch_size < 1 or instances < 1 or target_s <= 0 or max_delay_s < 0:
+            raise ValueError("max_batch_size and instances must be >= 1, target_s > 0, max_delay_s >= 0")
+        self.max_batch_size = max_batch_size
+        self.instances = instances
+        self.target_s = target_s
+        self.max_delay_s = max_delay_s
+        self.costs = CostModel()
+        self.arrivals = RateMeter()
+        self._choice = Choice(max_batch_size, 0.0, "no batch measured yet: dispatch at once, up to the max batch")
+        self._chosen_at = -math.inf
+
+    def arrived(self, items: int, now: float) -> None:
+        self.arrivals.add(items, now)
+
+    def computed(self, items: int, seconds: float) -> None:
+        self.costs.observe(items, seconds)
+
+    def current(self, now: float, queued: int = 0) -> Choice:
+        """The choice in force at `now` with `queued` items waiting (recomputed at most every `RECHOOSE_S`)."""
+        if self.costs.known and now - self._chosen_at >= RECHOOSE_S:
+            self._chosen_at = now
+            demand = self.arrivals.rate(now) + queued / (BATCH_SHARE * self.target_s)
+            choice = choose(self.costs, demand, self)
+            if changed(self._choice, choice):
+                self._choice = choice
+        return self._choice
+
+
+def changed(old: Choice, new: Choice) -> bool:
+    """A different limit, or a delay that moved by more than a fifth (or to or from none)."""
+    if old.limit != new.limit or (old.delay_s == 0) != (new.delay_s == 0):
+        return True
+    return abs(new.delay_s - old.delay_s) > 0.2 * old.delay_s
+
+
+def utilization(costs: CostModel, rate: float, batch: int, instances: int) -> float:
+    """The instances' busy share if every batch held `batch` items at `rate` items per second."""
+    return rate * costs.cost(batch) / (batch * instances)
+
+
+def fastest_draining(costs: CostModel, top: int, fits: int) -> int:
+    """The batch size with the most items per second; among sizes within 1 % of it, the one nearest `fits`
+    from above (with no batching gain measured, every size drains alike and the one that fits is kept)."""
+    speed = {b: b / costs.cost(b) for b in range(1, top + 1)}
+    best = max(speed.values())
+    near = [b for b, v in speed.items() if v >= 0.99 * best]
+    above = [b for b in near if b >= fits]
+    return above[0] if above else near[-1]
+
+
+def choose(costs: CostModel, rate: float, tuner: Tuner) -> Choice:
+    """Rules 1 and 2 of the module docstring, from the current estimates."""
+    top, n, target = tuner.max_batch_size, tuner.instances, tuner.target_s
+    fits = [b for b in range(1, top + 1) if costs.cost(b) <= BATCH_SHARE * target] or [1]
+    limit = fits[-1]
+    why = f"a batch of {limit} computes in {costs.cost(limit) * 1e3:.1f} ms, within {BATCH_SHARE:.0%} of the target"
+    if utilization(costs, rate, limit, n) > BUSY:
+        enough = [b for b in range(limit + 1, top + 1) if utilization(costs, rate, b, n) <= BUSY]
+        limit = enough[0] if enough else fastest_draining(costs, top, limit)
+        why = f"at {rate:.0f}/s batches within the target would keep the instances over {BUSY:.0%} busy: {limit}"
+    if limit == 1 or utilization(costs, rate, 1, n) < COMFORTABLE:
+        return Choice(limit, 0.0, f"{why}; single requests keep up at {rate:.0f}/s, so no queue delay")
+    fill_s = (limit - 1) / rate
+    delay = min(fill_s, DELAY_SHARE * target, tuner.max_delay_s)
+    return Choice(limit, delay, f"{why}; at {rate:.0f}/s, wait up to {delay * 1e6:.0f} us for a batch to fill")

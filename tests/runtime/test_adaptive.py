@@ -1,0 +1,161 @@
+"""Adaptive batching's pure tuner: the cost line, the arrival rate, and the limit and delay it chooses."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from modelfleet_runtime.adaptive import FORGET, RATE_TAU_S, CostModel, RateMeter, Tuner, changed, choose, utilization
+
+MS = 1e-3
+
+
+def costs(a: float, k: float, sizes: tuple[int, ...] = (1, 2, 4, 8, 16)) -> CostModel:
+    model = CostModel()
+    for _ in range(5):
+        for b in sizes:
+            model.observe(b, a + k * b)
+    return model
+
+
+def tuner(top: int = 32, instances: int = 2, target_ms: float = 100, max_delay_ms: float = 100) -> Tuner:
+    return Tuner(max_batch_size=top, instances=instances, target_s=target_ms * MS, max_delay_s=max_delay_ms * MS)
+
+
+def test_the_cost_line_is_recovered_from_batches_of_several_sizes() -> None:
+    a, k = costs(3 * MS, 4 * MS).line()
+    assert a == pytest.approx(3 * MS)
+    assert k == pytest.approx(4 * MS)
+
+
+def test_one_size_seen_means_no_batching_gain_is_assumed() -> None:
+    model = costs(3 * MS, 4 * MS, sizes=(1,))
+    a, k = model.line()
+    assert a == 0.0
+    assert k == pytest.approx(7 * MS)
+    assert model.cost(10) == pytest.approx(70 * MS)
+
+
+def test_a_line_with_a_negative_intercept_falls_back_to_proportional() -> None:
+    model = CostModel()
+    for b, seconds in ((1, 0.5 * MS), (8, 10 * MS), (16, 21 * MS)):
+        model.observe(b, seconds)
+    a, k = model.line()
+    f = FORGET  # the first batch weighs f**2, the second f, the last 1
+    assert a == 0.0
+    assert k == pytest.approx((f * f * 0.5 + f * 80 + 336) / (f * f * 1 + f * 64 + 256) * MS)
+
+
+def test_old_batches_are_forgotten() -> None:
+    model = costs(3 * MS, 4 * MS)
+    for _ in range(300):
+        for b in (1, 8):
+            model.observe(b, 1 * MS + 2 * MS * b)
+    a, k = model.line()
+    assert a == pytest.approx(1 * MS, rel=1e-3)
+    assert k == pytest.approx(2 * MS, rel=1e-3)
+
+
+def test_the_rate_meter_follows_steady_arrivals_and_decays_after_them() -> None:
+    meter = RateMeter()
+    for i in range(1000):
+        meter.add(1, i / 100)  # 100 items/s for 10 s
+    assert meter.rate(9.99) == pytest.approx(100, rel=0.02)
+    assert meter.rate(9.99 + 0.5) == pytest.approx(100 * math.exp(-0.5 / RATE_TAU_S), rel=0.02)
+    assert RateMeter().rate(5.0) == 0.0
+
+
+def test_the_limit_is_the_largest_batch_within_half_the_target() -> None:
+    choice = choose(costs(3 * MS, 4 * MS), 10.0, tuner(target_ms=100))
+    assert choice.limit == 11  # 3 + 4 * 11 = 47 ms <= 50 ms; 12 would be 51 ms
+    assert choice.delay_s == 0.0
+
+
+def test_light_load_dispatches_at_once() -> None:
+    choice = choose(costs(3 * MS, 4 * MS), 100.0, tuner())
+    assert utilization(costs(3 * MS, 4 * MS), 100.0, 1, 2) < 0.5
+    assert choice.delay_s == 0.0
+    assert "no queue delay" in choice.reason
+
+
+def test_heavier_load_waits_for_batches_to_fill_but_at_most_a_tenth_of_the_target() -> None:
+    model = costs(3 * MS, 4 * MS)
+    # 16 instances at 2000/s: batch-1 utilization 2000 * 7 ms / 16 = 0.875, batches of 11 keep up (0.53).
+    choice = choose(model, 2000.0, tuner(instances=16))
+    assert choice.limit == 11
+    assert choice.delay_s == pytest.approx(10 / 2000)  # the time 2000/s take to fill a batch of 11 ...
+    assert choose(model, 2000.0, tuner(instances=16, max_delay_ms=2)).delay_s == pytest.approx(2 * MS)
+    assert choose(model, 200.0, tuner()).delay_s == pytest.approx(10 * MS)  # ... but never over 10 % of it
+
+
+def test_overload_takes_the_fastest_draining_batch() -> None:
+    # Batches of 11 compute 2 x 11 / 47 ms = 468/s at most: 600/s cannot be kept up with within the target.
+    choice = choose(costs(3 * MS, 4 * MS), 600.0, tuner(top=32))
+    # 32 drains fastest (32 / 131 ms); 23 (23 / 95 ms) is within 1 % of it and is the smallest such size
+    assert choice.limit == 23
+    assert "busy" in choice.reason
+
+
+def test_the_limit_grows_only_as_far_as_the_load_needs() -> None:
+    model = costs(3 * MS, 4 * MS)
+    assert choose(model, 350.0, tuner(top=32)).limit == 11  # 350/s x 47 ms / (2 x 11) = 75 % busy
+    # 390/s keep batches of 11 84 % busy; 390 x (3 + 4b) ms / 2b <= 80 % needs b >= 29.25
+    assert choose(model, 390.0, tuner(top=32)).limit == 30
+
+
+def test_a_backlog_counts_as_demand() -> None:
+    t = tuner(top=32)
+    for b in (1, 2, 4, 8, 16) * 5:
+        t.computed(b, 3 * MS + 4 * MS * b)
+    assert t.current(0.0, queued=0).limit == 11
+    t2 = tuner(top=32)
+    for b in (1, 2, 4, 8, 16) * 5:
+        t2.computed(b, 3 * MS + 4 * MS * b)
+    assert t2.current(0.0, queued=30).limit == 23  # 30 queued to drain in 50 ms: 600/s, as in overload
+
+
+def test_a_batch_too_slow_for_the_target_is_limited_to_one_request() -> None:
+    assert choose(costs(80 * MS, 10 * MS), 1.0, tuner(target_ms=100)).limit == 1
+
+
+def test_a_cheap_model_batches_up_to_the_max_without_delay() -> None:
+    choice = choose(costs(0.005 * MS, 0.0001 * MS), 20_000.0, tuner(top=128, instances=1))
+    assert (choice.limit, choice.delay_s) == (128, 0.0)
+
+
+def test_before_any_batch_the_tuner_dispatches_at_once_up_to_the_max() -> None:
+    t = tuner(top=32)
+    t.arrived(1, 0.0)
+    assert (t.current(0.0).limit, t.current(0.0).delay_s) == (32, 0.0)
+
+
+def test_the_tuner_rechooses_from_what_it_measured() -> None:
+    t = tuner(top=32)
+    for i in range(800):
+        t.arrived(1, i / 400)  # 400/s for 2 s: the meter reads 400 x (1 - e^-2) = 346/s
+        t.computed(1 + i % 8, 3 * MS + 4 * MS * (1 + i % 8))
+    choice = t.current(2.0)
+    assert choice.limit == 11
+    assert choice.delay_s > 0
+
+
+def test_small_moves_of_the_delay_are_not_changes() -> None:
+    from modelfleet_runtime.adaptive import Choice
+
+    base = Choice(8, 0.010, "")
+    assert not changed(base, Choice(8, 0.011, ""))
+    assert changed(base, Choice(8, 0.013, ""))
+    assert changed(base, Choice(9, 0.010, ""))
+    assert changed(Choice(8, 0.0, ""), Choice(8, 0.001, ""))
+
+
+def test_nonsense_settings_are_refused() -> None:
+    with pytest.raises(ValueError, match="target_s"):
+        Tuner(max_batch_size=8, instances=1, target_s=0, max_delay_s=0)
+
+
+def test_without_a_measured_batching_gain_overload_keeps_the_batch_that_fits() -> None:
+    # Cost proportional to the batch: every size drains at 2 / 10 ms = 200/s, so bigger batches only add latency.
+    choice = choose(costs(0.0, 9.9 * MS, sizes=(4,)), 1000.0, tuner(top=32))
+    assert choice.limit == 5  # 5 x 9.9 ms = 49.5 ms, within half the target
