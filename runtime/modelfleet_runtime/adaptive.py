@@ -142,25 +142,49 @@ def utilization(costs: CostModel, rate: float, batch: int, instances: int) -> fl
     return rate * costs.cost(batch) / (batch * instances)
 
 
+EPS = 1e-9  # slack for float rounding at the edges of the closed forms below
+
+
+def clamp(value: float, top: int) -> int:
+    return max(1, min(top, int(value)))
+
+
+def largest_within(costs: CostModel, budget_s: float, top: int) -> int:
+    """The largest batch whose cost `a + k*b` is within `budget_s` (at least 1)."""
+    a, k = costs.line()
+    return clamp((budget_s - a) / k + EPS, top) if k > 0 else top
+
+
+def smallest_keeping_up(costs: CostModel, rate: float, instances: int, above: int, top: int) -> int | None:
+    """The smallest batch over `above` at which `rate` keeps the instances at most `BUSY` busy, if any:
+    rate * (a/b + k) / n <= BUSY, so b >= a / (BUSY * n / rate - k)."""
+    a, k = costs.line()
+    room = BUSY * instances / rate - k if rate > 0 else math.inf
+    if room <= 0:
+        return None
+    b = max(above + 1, math.ceil(a / room - EPS))
+    return b if b <= top else None
+
+
 def fastest_draining(costs: CostModel, top: int, fits: int) -> int:
     """The batch size with the most items per second; among sizes within 1 % of it, the one nearest `fits`
-    from above (with no batching gain measured, every size drains alike and the one that fits is kept)."""
-    speed = {b: b / costs.cost(b) for b in range(1, top + 1)}
-    best = max(speed.values())
-    near = [b for b, v in speed.items() if v >= 0.99 * best]
-    above = [b for b in near if b >= fits]
-    return above[0] if above else near[-1]
+    from above (with no batching gain measured, every size drains alike and the one that fits is kept).
+    b / (a + k*b) grows with b, so the fastest is `top`, and b is within 1 % of it from
+    b >= 0.99 * top * a / (a + 0.01 * k * top)."""
+    a, k = costs.line()
+    if a <= 0:
+        return fits
+    return max(fits, min(top, math.ceil(0.99 * top * a / (a + 0.01 * k * top) - EPS)))
 
 
 def choose(costs: CostModel, rate: float, tuner: Tuner) -> Choice:
-    """Rules 1 and 2 of the module docstring, from the current estimates."""
+    """Rules 1 and 2 of the module docstring, from the current estimates (closed forms: no scan of sizes)."""
     top, n, target = tuner.max_batch_size, tuner.instances, tuner.target_s
-    fits = [b for b in range(1, top + 1) if costs.cost(b) <= BATCH_SHARE * target] or [1]
-    limit = fits[-1]
+    limit = largest_within(costs, BATCH_SHARE * target, top)
     why = f"a batch of {limit} computes in {costs.cost(limit) * 1e3:.1f} ms, within {BATCH_SHARE:.0%} of the target"
-    if utilization(costs, rate, limit, n) > BUSY:
-        enough = [b for b in range(limit + 1, top + 1) if utilization(costs, rate, b, n) <= BUSY]
-        limit = enough[0] if enough else fastest_draining(costs, top, limit)
+    if limit < top and utilization(costs, rate, limit, n) > BUSY:
+        enough = smallest_keeping_up(costs, rate, n, limit, top)
+        limit = enough if enough is not None else fastest_draining(costs, top, limit)
         why = f"at {rate:.0f}/s batches within the target would keep the instances over {BUSY:.0%} busy: {limit}"
     if limit == 1 or utilization(costs, rate, 1, n) < COMFORTABLE:
         return Choice(limit, 0.0, f"{why}; single requests keep up at {rate:.0f}/s, so no queue delay")

@@ -159,3 +159,23 @@ def test_without_a_measured_batching_gain_overload_keeps_the_batch_that_fits() -
     # Cost proportional to the batch: every size drains at 2 / 10 ms = 200/s, so bigger batches only add latency.
     choice = choose(costs(0.0, 9.9 * MS, sizes=(4,)), 1000.0, tuner(top=32))
     assert choice.limit == 5  # 5 x 9.9 ms = 49.5 ms, within half the target
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_the_closed_forms_agree_with_a_scan_of_every_size(seed: int) -> None:
+    import numpy as np
+
+    from modelfleet_runtime.adaptive import BUSY, fastest_draining, largest_within, smallest_keeping_up
+
+    rng = np.random.default_rng(seed)
+    a, k, rate = rng.uniform(0, 20) * MS, rng.uniform(0.01, 10) * MS, rng.uniform(1, 2000)
+    top, n, budget = int(rng.integers(1, 300)), int(rng.integers(1, 4)), rng.uniform(1, 200) * MS
+    model = costs(a, k)
+    sizes = range(1, top + 1)
+    assert largest_within(model, budget, top) == max([b for b in sizes if model.cost(b) <= budget] or [1])
+    fits = largest_within(model, budget, top)
+    keeping = [b for b in sizes if b > fits and utilization(model, rate, b, n) <= BUSY]
+    assert smallest_keeping_up(model, rate, n, fits, top) == (keeping[0] if keeping else None)
+    speed = {b: b / model.cost(b) for b in sizes}
+    near = [b for b in sizes if speed[b] >= 0.99 * max(speed.values())]
+    assert fastest_draining(model, top, fits) == max(fits, near[0])
