@@ -541,10 +541,12 @@ def main(argv: list[str] | None = None) -> int:
         "models": results,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    suffix = "-quick" if args.quick else ""
-    (RESULTS / f"peers{suffix}.json").write_text(json.dumps(report, indent=2) + "\n")
+    target = RESULTS / f"peers{'-quick' if args.quick else ''}.json"
+    if args.only and target.exists():  # one model re-measured: keep the other's figures
+        report["models"] = {**json.loads(target.read_text()).get("models", {}), **results}
+    target.write_text(json.dumps(report, indent=2) + "\n")
     text = markdown(report)
-    (RESULTS / f"peers{suffix}.md").write_text(text)
+    target.with_suffix(".md").write_text(text)
     print("\n" + text)
     return 0
 
