@@ -58,6 +58,7 @@ MAX_BATCH = 32
 DELAY_US = 5000
 WORKERS = 2
 START_ATTEMPTS = 3
+IDLE_S = 3.0
 SERVERS = ("modelfleet", "mlserver", "kserve", "pytriton")
 BINARY = frozenset({"modelfleet", "kserve", "pytriton"})  # speak the OIP binary tensor extension over REST
 MODELFLEET_DEFAULTS = {
@@ -287,6 +288,12 @@ def load(running: Running, kind: str, requests: list[HttpRequest], **kwargs: Any
     return result, tree_cpu_seconds(running.proc.pid) - cpu0
 
 
+def idle_cpu_pct(running: Running, seconds: float) -> float:
+    cpu0 = tree_cpu_seconds(running.proc.pid)
+    time.sleep(seconds)
+    return round(100 * (tree_cpu_seconds(running.proc.pid) - cpu0) / seconds, 1)
+
+
 def passes(result: LoadResult) -> bool:
     return result.ok == len(result.statuses) and result.percentile_ms(99) <= P99_LIMIT_MS
 
@@ -324,6 +331,7 @@ class ServerRun:
     rounds: list[dict[str, Any]] = field(default_factory=list)
     check: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    idle_cpu_pct: float | None = None
 
 
 def median_of(rounds: list[dict[str, Any]]) -> dict[str, float]:
@@ -358,6 +366,10 @@ def run_model(model: Model, servers: list[str], env: dict[str, str], timing: Tim
             requests = [make_request(name, model, v) for v in variants]
             runs[name].check = check_outputs(started[name].port, requests[:4], expected)
             print(f"  {name}: ready in {time.monotonic() - began:.1f} s, check {runs[name].check}", flush=True)
+        for name, running in started.items():
+            # All servers stay up through the rounds: what each burns when idle is load on the others.
+            runs[name].idle_cpu_pct = idle_cpu_pct(running, IDLE_S)
+            print(f"  {name}: {runs[name].idle_cpu_pct}% CPU when idle", flush=True)
         raw: list[float] = []
         for round_ in range(timing.rounds):
             raw.append(raw_point(case, backends, MAX_BATCH, timing.raw_s, tries=2)["ceiling"])
@@ -382,6 +394,7 @@ def summarize(model: Model, runs: dict[str, ServerRun], raw: list[float]) -> dic
     servers: dict[str, Any] = {}
     for name, run in runs.items():
         entry: dict[str, Any] = {"check": run.check, "rounds": run.rounds, "error": run.error}
+        entry["idle_cpu_pct"] = run.idle_cpu_pct
         entry["request_encoding"] = "binary" if model.binary and name in BINARY else "JSON"
         if run.rounds and run.check.get("ok"):
             entry["median"] = median_of(run.rounds)
@@ -429,21 +442,22 @@ def model_table(result: dict[str, Any]) -> list[str]:
         f"### {result['model']}",
         "",
         "| server | requests | CPU us/inference (vs best) | saturation inf/s (vs best) "
-        "| max rate at p99 <= 100 ms, inf/s (vs best) | outputs vs ONNX Runtime |",
-        "|---|---|---:|---:|---:|---|",
+        "| max rate at p99 <= 100 ms, inf/s (vs best) | idle CPU | outputs vs ONNX Runtime |",
+        "|---|---|---:|---:|---:|---:|---|",
     ]
     for name, s in result["servers"].items():
         check = s["check"]
         checked = f"max abs error {check['max_abs_error']:.1e}" if "max_abs_error" in check else "-"
         if "median" not in s:
-            lines.append(f"| {server_label(name)} | {s['request_encoding']} | - | - | - | FAILED: {s['error']} |")
+            lines.append(f"| {server_label(name)} | {s['request_encoding']} | - | - | - | - | FAILED: {s['error']} |")
             continue
         m, v = s["median"], s["vs_best"]
+        idle = f"{s['idle_cpu_pct']}%" if s.get("idle_cpu_pct") is not None else "-"
         lines.append(
             f"| {server_label(name)} | {s['request_encoding']} "
             f"| {_cell(m['cpu_us_per_inf'], v['cpu_per_inf'], ',.0f')} "
             f"| {_cell(m['saturation_qps'], v['saturation'], ',.0f')} "
-            f"| {_cell(m['max_rate_qps'], v['max_rate'], ',.0f')} | {checked} |"
+            f"| {_cell(m['max_rate_qps'], v['max_rate'], ',.0f')} | {idle} | {checked} |"
         )
     if "modelfleet_vs_raw_ort" in result:
         ceiling = statistics.median(result["raw_ort_ceiling_qps"])
