@@ -27,6 +27,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Callable
@@ -169,10 +170,12 @@ def free_port() -> int:
         return port
 
 
-def peer_command(server: str, model: Model, ports: tuple[int, int, int]) -> list[str]:
+def peer_command(server: str, model: Model, ports: tuple[int, int, int], workdir: Path) -> list[str]:
     http, grpc, metrics = ports
     peer = peer_envs.peers()[server]
     common = ["--model", str(model.path), "--name", model.name]
+    if server != "pytriton":
+        common += ["--workdir", str(workdir)]
     script = str(PEERS_DIR / f"{server}_peer.py")
     if server == "kserve":
         flags = ["--http_port", str(http), "--grpc_port", str(grpc), "--workers", str(WORKERS)]
@@ -186,7 +189,8 @@ class PeerServer:
 
     def __init__(self, server: str, model: Model, log_path: Path) -> None:
         self.port = free_port()
-        command = peer_command(server, model, (self.port, free_port(), free_port()))
+        workdir = Path(tempfile.mkdtemp(prefix=f"{server}-", dir=log_path.parent))
+        command = peer_command(server, model, (self.port, free_port(), free_port()), workdir)
         env = {k: v for k, v in os.environ.items() if k not in {"VIRTUAL_ENV", "PYTHONPATH"}}
         self._log = log_path.open("wb")
         self.log_path = log_path
@@ -299,11 +303,14 @@ def passes(result: LoadResult) -> bool:
 
 
 def max_rate(running: Running, requests: list[HttpRequest], saturation: float, timing: Timing) -> dict[str, Any]:
-    """Bisection over open-loop Poisson rates in (0, 1.2 x saturation]: the highest with p99 <= 100 ms."""
-    low, high, probes = 0.0, 1.2 * saturation, []
+    """Bisection over open-loop Poisson rates in (0, 1.2 x saturation]: the highest with p99 <= 100 ms.
+    Up to 3 more halvings when no rate has passed yet, so one bad moment does not leave 0."""
+    low, high = 0.0, 1.2 * saturation
+    probes: list[dict[str, Any]] = []
     rate = 0.8 * saturation
-    for step in range(timing.bisect_steps):
-        result, _ = load(running, "open", requests, rate=rate, duration_s=timing.open_s, connections=256, seed=step)
+    while len(probes) < timing.bisect_steps or (low == 0.0 and len(probes) < timing.bisect_steps + 3):
+        seed = len(probes)
+        result, _ = load(running, "open", requests, rate=rate, duration_s=timing.open_s, connections=256, seed=seed)
         ok = passes(result)
         probes.append({"rate": round(rate, 1), "p99_ms": round(result.percentile_ms(99), 2), "pass": ok})
         low, high = (rate, high) if ok else (low, rate)
@@ -531,8 +538,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import tempfile
-
     args = parse_args(argv)
     servers = [s for s in args.servers.split(",") if s]
     if unknown := set(servers) - set(SERVERS):

@@ -1,7 +1,7 @@
 """KServe peer: `kserve.ModelServer` (OIP v2 REST) with a custom `kserve.Model` that runs ONNX Runtime.
 
     python kserve_peer.py --model PATH --name NAME --http_port N --grpc_port M --workers 2 \
-        --enable_latency_logging false
+        --enable_latency_logging false --workdir DIR
 
 Run with the KServe env's python (bench/peer_envs.py); the ModelServer's own flags pass through.
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -67,11 +66,11 @@ def patient_workers() -> None:
     RESTServerProcess.is_alive = is_alive
 
 
-def quiet_access_log() -> None:
+def quiet_access_log(workdir: Path) -> None:
     """KServe's own log config, less uvicorn's line per request (the other servers log none either)."""
     config = copy.deepcopy(kserve.logging.KSERVE_LOG_CONFIG)
     config["loggers"]["uvicorn.access"]["level"] = "WARNING"
-    path = Path(tempfile.mkdtemp(prefix="kserve-peer-")) / "log.json"
+    path = workdir / "kserve-log.json"
     path.write_text(json.dumps(config))
     kserve.model_server.args.log_config_file = str(path)
 
@@ -80,9 +79,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(parents=[kserve.model_server.parser])
     parser.add_argument("--model", required=True)
     parser.add_argument("--name", required=True)
+    parser.add_argument("--workdir", required=True, help="an existing folder for its log config")
     args, _ = parser.parse_known_args()
     patient_workers()
-    quiet_access_log()
+    quiet_access_log(Path(args.workdir))
     kserve.ModelServer().start([OnnxModel(args.name, args.model)])
 
 

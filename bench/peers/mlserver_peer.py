@@ -1,8 +1,8 @@
 """MLServer peer: a custom `mlserver.MLModel` running ONNX Runtime, adaptive batching, 2 parallel workers.
 
-    python mlserver_peer.py --model PATH --name NAME --http-port N --grpc-port M --metrics-port K
+    python mlserver_peer.py --model PATH --name NAME --http-port N --grpc-port M --metrics-port K --workdir DIR
 
-Writes settings.json and model-settings.json into a temporary folder and runs `mlserver start` on it
+Writes settings.json and model-settings.json into DIR and runs `mlserver start` on it
 (in this env, with this folder on PYTHONPATH so the workers can import `OnnxModel`). Adaptive batching:
 max_batch_size 32, max_batch_time 0.005 s. Per-request debug logging is off.
 """
@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 from mlserver import MLModel
@@ -64,8 +63,9 @@ def main() -> None:
     for flag in ("--http-port", "--grpc-port", "--metrics-port"):
         parser.add_argument(flag, type=int, required=True)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workdir", required=True, help="an empty folder for its settings files")
     args = parser.parse_args()
-    folder = Path(tempfile.mkdtemp(prefix="mlserver-peer-"))
+    folder = Path(args.workdir)
     write_settings(folder, args)
     os.environ["PYTHONPATH"] = os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])
     mlserver = str(Path(sys.executable).parent / "mlserver")
