@@ -197,7 +197,11 @@ class PeerServer:
         self.proc = subprocess.Popen(
             command, cwd=PEERS_DIR, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
         )
-        self._wait_ready(model.name)
+        try:
+            self._wait_ready(model.name)
+        except BaseException:
+            self.stop()  # a failed start can leave children (tritonserver, workers) in its process group
+            raise
 
     def _wait_ready(self, name: str) -> None:
         deadline = time.monotonic() + 600
