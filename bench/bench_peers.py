@@ -88,13 +88,21 @@ QUICK = Timing(rounds=1, warmup_s=1.0, saturation_s=3.0, open_s=3.0, bisect_step
 FULL = Timing(rounds=3, warmup_s=2.0, saturation_s=10.0, open_s=8.0, bisect_steps=5, raw_s=3.0)
 
 
-@dataclass(frozen=True)
+@dataclass
 class Model:
     name: str
     path: Path
     make_inputs: Callable[[int, int], Inputs]
     concurrency: int
     binary: bool  # binary tensors to the servers that support them (else JSON for all)
+    session: Any = None  # ONNX Runtime run directly (modelfleet's backend, the benchmark's options)
+
+    def expected(self, inputs: Inputs) -> dict[str, np.ndarray]:
+        if self.session is None:
+            case = modelfleet_case(self, MODELFLEET_DEFAULTS)
+            self.session = raw_backends(case)[0]
+        result: dict[str, np.ndarray] = self.session.infer(inputs)
+        return result
 
 
 # --- requests and output checks ---------------------------------------------------------------------------
@@ -356,45 +364,58 @@ def median_of(rounds: list[dict[str, Any]]) -> dict[str, float]:
 # --- one model ----------------------------------------------------------------------------------------------
 
 
+def start_checked(name: str, model: Model, env: dict[str, str], tmp: Path, run: ServerRun) -> Running | None:
+    """Start one server and check its outputs on 4 requests; None (and `run.error`) when it does not start."""
+    began = time.monotonic()
+    try:
+        running = start(name, model, env, tmp)
+    except (RuntimeError, TimeoutError) as exc:
+        run.error = f"did not start: {one_line(str(exc))[-300:]}"
+        print(f"  {name}: {run.error}", flush=True)
+        return None
+    variants = [model.make_inputs(1, seed) for seed in range(4)]
+    requests = [make_request(name, model, v) for v in variants]
+    run.check = check_outputs(running.port, requests, [model.expected(v) for v in variants])
+    print(f"  {name}: ready in {time.monotonic() - began:.1f} s, check {run.check}", flush=True)
+    return running
+
+
+def run_rounds(
+    model: Model, started: dict[str, Running], runs: dict[str, ServerRun], case: Case, timing: Timing
+) -> list[float]:
+    """Each round: raw ONNX Runtime's ceiling, then every server in turn; returns the ceilings."""
+    backends = raw_backends(case)
+    variants = [model.make_inputs(1, seed) for seed in range(16)]
+    raw: list[float] = []
+    for round_ in range(timing.rounds):
+        raw.append(raw_point(case, backends, MAX_BATCH, timing.raw_s, tries=2)["ceiling"])
+        print(f"  round {round_ + 1}: raw ORT batch {MAX_BATCH}: {raw[-1]:,.0f} inf/s", flush=True)
+        for name, running in started.items():
+            result = measure_round(running, [make_request(name, model, v) for v in variants], model, timing)
+            runs[name].rounds.append(result)
+            print(
+                f"  round {round_ + 1}: {name}: saturation {result['saturation_qps']:,.0f} inf/s, "
+                f"{result['cpu_us_per_inf']:,.0f} us CPU/inf, p99<=100ms up to "
+                f"{result['max_rate_p99_100ms']['rate']:,.0f}/s",
+                flush=True,
+            )
+    return raw
+
+
 def run_model(model: Model, servers: list[str], env: dict[str, str], timing: Timing, tmp: Path) -> dict[str, Any]:
     """All servers up at once; rounds interleave them (and raw ONNX Runtime) so background load hits each alike."""
     print(f"\n== {model.name}: {model.path.name}", flush=True)
-    case = modelfleet_case(model, env)
-    backends = raw_backends(case)
-    variants = [model.make_inputs(1, seed) for seed in range(16)]
-    expected = [backends[0].infer(v) for v in variants[:4]]
     runs = {name: ServerRun() for name in servers}
     started: dict[str, Running] = {}
     try:
         for name in servers:
-            began = time.monotonic()
-            try:
-                started[name] = start(name, model, env, tmp)
-            except (RuntimeError, TimeoutError) as exc:
-                runs[name].error = f"did not start: {one_line(str(exc))[-300:]}"
-                print(f"  {name}: {runs[name].error}", flush=True)
-                continue
-            requests = [make_request(name, model, v) for v in variants]
-            runs[name].check = check_outputs(started[name].port, requests[:4], expected)
-            print(f"  {name}: ready in {time.monotonic() - began:.1f} s, check {runs[name].check}", flush=True)
+            if (running := start_checked(name, model, env, tmp, runs[name])) is not None:
+                started[name] = running
         for name, running in started.items():
             # All servers stay up through the rounds: what each burns when idle is load on the others.
             runs[name].idle_cpu_pct = idle_cpu_pct(running, IDLE_S)
             print(f"  {name}: {runs[name].idle_cpu_pct}% CPU when idle", flush=True)
-        raw: list[float] = []
-        for round_ in range(timing.rounds):
-            raw.append(raw_point(case, backends, MAX_BATCH, timing.raw_s, tries=2)["ceiling"])
-            print(f"  round {round_ + 1}: raw ORT batch {MAX_BATCH}: {raw[-1]:,.0f} inf/s", flush=True)
-            for name, running in started.items():
-                requests = [make_request(name, model, v) for v in variants]
-                result = measure_round(running, requests, model, timing)
-                runs[name].rounds.append(result)
-                print(
-                    f"  round {round_ + 1}: {name}: saturation {result['saturation_qps']:,.0f} inf/s, "
-                    f"{result['cpu_us_per_inf']:,.0f} us CPU/inf, p99<=100ms up to "
-                    f"{result['max_rate_p99_100ms']['rate']:,.0f}/s",
-                    flush=True,
-                )
+        raw = run_rounds(model, started, runs, modelfleet_case(model, env), timing)
     finally:
         for running in started.values():
             running.stop()
