@@ -14,7 +14,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml uv.lock | sha256sum | cut
 
 .DEFAULT_GOAL := help
 .PHONY: help install lock test-latest test lint unit e2e e2e-real demo manifests cluster-up cluster-down cluster-status \
-        cluster-kubeconfig images trt-bindings bench-runtime bench-build bench-int8 bench-precision bench-autoscale bench-http bench-operator bench-robustness bench-cache bench-batching clean
+        cluster-kubeconfig images trt-bindings bench-runtime bench-build bench-int8 bench-precision bench-autoscale bench-http bench-operator bench-robustness bench-cache bench-batching bench-peers clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -118,6 +118,9 @@ bench-cache: $(BENCH_STAMP) ## the response cache on a Zipf workload against the
 
 bench-batching: $(BENCH_STAMP) ## adaptive batching against every fixed queue delay, over a load sweep and a bursty trace
 	$(PY) -m bench.bench_batching $(BENCH_ARGS)
+
+bench-peers: $(BENCH_STAMP) ## against MLServer, KServe and PyTriton, each in its own pinned venv (made once under ~/.cache); not in CI
+	UV=$(UV) $(PY) -m bench.bench_peers $(BENCH_ARGS)
 
 clean: ## remove caches in the work tree (not the cluster's binary cache)
 	rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis
