@@ -118,3 +118,57 @@ def test_a_batch_reaching_exactly_the_maximum_goes_at_once() -> None:
     assert plan_batch(same(4, 5), max_batch_size=8, preferred=frozenset(), delay_expired=False) == 1
     assert plan_batch([(1, "k"), (1, "other")], max_batch_size=8, preferred=frozenset(), delay_expired=False) == 1
     assert plan_batch(same(1, 1, 1), max_batch_size=8, preferred=frozenset({2}), delay_expired=False) == 2
+
+
+def test_mismatches_are_refused_whichever_way_they_go() -> None:
+    big = ModelSignature(
+        inputs=(TensorSpec("a", "FP32", (-1, -1), (None, "seq")), TensorSpec("b", "FP32", (-1, -1), (None, "seq"))),
+        outputs=(),
+        max_batch_size=1000,
+    )
+    # sizes above CPython's small-int cache: equal values that are not the same object
+    same = {"a": np.zeros((300, 300), np.float32), "b": np.zeros((300, 300), np.float32)}
+    assert validate_inputs(same, big) == 300
+    with pytest.raises(InvalidInput, match="input 'b' has 2 along axis 1 but input 'a' has 3"):
+        validate_inputs({"a": np.zeros((1, 3), np.float32), "b": np.zeros((1, 2), np.float32)}, big)
+    with pytest.raises(InvalidInput, match="input 'b' has batch size 2 but input 'a' has 3"):
+        validate_inputs({"a": np.zeros((3, 1), np.float32), "b": np.zeros((2, 1), np.float32)}, big)
+    with pytest.raises(InvalidInput, match="datatype BOOL, the model expects FP32"):
+        validate_inputs({"x": np.zeros((1, 4), dtype=bool)}, BATCHED)
+    with pytest.raises(InvalidInput, match=r"has shape \[4\], the model expects \[-1, 4\]"):
+        validate_inputs({"x": np.zeros(4, np.float32)}, BATCHED)
+    with pytest.raises(BatchMismatch, match="expected 3 rows"):
+        split({"y": np.zeros((2, 3), np.float32)}, [2, 1])
+    assert [p["y"].shape for p in split({"y": np.zeros((300, 2), np.float32)}, [299, 1])] == [(299, 2), (1, 2)]
+    assert [p["y"].shape for p in split({"y": np.zeros((3, 2), np.float32)}, [2, 1])] == [(2, 2), (1, 2)]
+
+
+def test_outputs_are_found_by_exact_name() -> None:
+    assert BATCHED.output("a") is None
+    assert BATCHED.output("".join(["y"])) == BATCHED.outputs[0]  # an equal name, not the same string object
+
+
+def test_signatures_are_immutable_and_a_batch_of_one_still_batches() -> None:
+    assert ModelSignature(inputs=(), outputs=(), max_batch_size=1).batched
+    assert supports_batching(ONE_D.inputs, ONE_D.outputs)
+    with pytest.raises(AttributeError):
+        BATCHED.max_batch_size = 2  # type: ignore[misc]
+
+
+def test_two_dimensional_requests_merge_along_rows_and_keys_tell_shapes_apart() -> None:
+    merged = merge([rows(2), rows(1)], ["x"])
+    assert merged["x"].shape == (3, 4)
+    assert batch_key(rows(1, 5), BATCHED) != batch_key(rows(1, 6), BATCHED)
+
+
+def test_the_queue_head_decides_what_joins_it() -> None:
+    key = batch_key(rows(1), BATCHED)
+    equal_key = batch_key(rows(1), BATCHED)  # equal, not the same tuple
+    assert plan_batch([(4, key), (4, equal_key)], max_batch_size=8, preferred=frozenset(), delay_expired=False) == 2
+    assert plan_batch([(1, "k"), (1, "a")], max_batch_size=8, preferred=frozenset(), delay_expired=True) == 1
+    # nothing behind a request of another shape joins, even if its shape matches the head again
+    assert plan_batch([(1, "k"), (1, "o"), (1, "k")], max_batch_size=8, preferred=frozenset(), delay_expired=True) == 1
+    assert plan_batch([], max_batch_size=8, preferred=frozenset(), delay_expired=True) == 0
+    assert plan_batch([], max_batch_size=8, preferred=frozenset(), delay_expired=False) == 0
+    # a head above the maximum (never admitted, but planned safely) goes alone at once
+    assert plan_batch([(10, "k")], max_batch_size=8, preferred=frozenset(), delay_expired=False) == 1
