@@ -5,7 +5,18 @@ from __future__ import annotations
 from typing import Any
 
 from modelfleet_operator.api import InferenceModel, parse_inference_model
-from modelfleet_operator.resources import build_deployment, build_job, build_service
+from modelfleet_operator.resources import (
+    build_deployment,
+    build_identity,
+    build_job,
+    build_service,
+    deployment_name,
+    job_name,
+    model_path,
+    needed_claims,
+    resolved_backend,
+    service_name,
+)
 from modelfleet_operator.settings import OperatorSettings
 
 SETTINGS = OperatorSettings()
@@ -159,3 +170,102 @@ def test_the_service_selects_every_architectures_serving_pods() -> None:
     assert [p["name"] for p in plain["spec"]["ports"]] == ["http"]
     grpc = build_service(model(), grpc_port=8001)["spec"]["ports"][1]
     assert grpc == {"name": "grpc", "port": 8001, "targetPort": "grpc", "protocol": "TCP", "appProtocol": "grpc"}
+
+
+def test_long_names_are_trimmed_with_a_hash_and_short_ones_kept() -> None:
+    exact = "m" * 52
+    assert deployment_name(exact, "sm80") == f"{exact}-sm80"
+    longer = "m" * 53
+    trimmed = deployment_name(longer, "sm80")
+    assert len(trimmed) == 52 + len("-sm80") and trimmed.startswith("m" * 45 + "-")
+    assert deployment_name("m" * 54, "sm80") != trimmed  # the hash keeps trimmed names apart
+    assert service_name("s" * 63) == "s" * 63
+    assert len(service_name("s" * 64)) == 63
+    assert job_name("j" * 40, "sm80", "0123456789abcdef") == "j" * 40 + "-build-sm80-0123456789"
+    assert len(job_name("j" * 41, "sm80", "0123456789abcdef")) == 40 + len("-build-sm80-0123456789")
+    assert deployment_name("a-" * 30, "sm80").count("--") == 0  # a trimmed '-' is not doubled before the hash
+
+
+def test_model_uris_become_paths_in_the_build_pod() -> None:
+    assert model_path("pvc://models/clf/model.onnx", SETTINGS) == f"{SETTINGS.models_path}/models/clf/model.onnx"
+    assert model_path("file:///data/model.onnx", SETTINGS) == "/data/model.onnx"
+    assert model_path("/plain/model.onnx", SETTINGS) == "/plain/model.onnx"
+    assert model_path("https://example.invalid/m.onnx", SETTINGS) == "https://example.invalid/m.onnx"
+
+
+def test_the_build_mounts_its_model_claims_read_only_and_the_store_writable() -> None:
+    im = model(engine={"precision": "int8", "calibration": {"uri": "pvc://calib/set.npz"}})
+    pod = build_job(im, arch="sm80", build_id="b" * 64, settings=SETTINGS)["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["engines"]["persistentVolumeClaim"] == {"claimName": SETTINGS.engine_store_claim, "readOnly": False}
+    assert volumes["models-0"]["persistentVolumeClaim"] == {"claimName": "calib", "readOnly": True}
+    assert volumes["models-1"]["persistentVolumeClaim"] == {"claimName": "models", "readOnly": True}
+    mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+    assert mounts["models-1"] == {"name": "models-1", "mountPath": f"{SETTINGS.models_path}/models", "readOnly": True}
+    assert mounts["engines"]["readOnly"] is False
+    assert pod["automountServiceAccountToken"] is False
+    serving = deployment(im)["spec"]["template"]["spec"]
+    assert {v["name"] for v in serving["volumes"]} == {"engines", "scratch"}
+    assert next(m for m in serving["containers"][0]["volumeMounts"] if m["name"] == "engines")["readOnly"] is True
+    assert (serving["automountServiceAccountToken"], serving["enableServiceLinks"]) == (False, False)
+    assert needed_claims(im, SETTINGS) == {
+        SETTINGS.engine_store_claim: "the engine store",
+        "calib": "the model",
+        "models": "the model",
+    }
+
+
+def test_owned_objects_name_their_inferencemodel_as_controller() -> None:
+    ref = deployment(model())["metadata"]["ownerReferences"][0]
+    assert ref == {
+        "apiVersion": "modelfleet.io/v1alpha1",
+        "kind": "InferenceModel",
+        "name": "clf",
+        "uid": "u-1",
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def test_deployments_roll_one_pod_at_a_time_and_keep_three_revisions() -> None:
+    spec = deployment(model())["spec"]
+    assert spec["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
+    assert spec["revisionHistoryLimit"] == 3
+    labels = deployment(model())["metadata"]["labels"]
+    assert labels["app.kubernetes.io/instance"] == "clf" and labels["app.kubernetes.io/managed-by"] == "modelfleet"
+
+
+def test_auto_is_tensorrt_on_a_gpu_and_onnxruntime_on_cpu() -> None:
+    assert resolved_backend(model().spec, "sm80") == "tensorrt"
+    assert resolved_backend(model().spec, "cpu") == "onnxruntime"
+    assert resolved_backend(model(engine={"backend": "onnxruntime"}).spec, "sm80") == "onnxruntime"
+
+
+def test_the_build_id_is_the_engine_key_only_when_every_digest_and_version_is_known() -> None:
+    versions = OperatorSettings(runtime_backend_versions={"tensorrt": "10.3"})
+    pinned = model(model={"uri": "pvc://models/clf/model.onnx", "sha256": "a" * 64})
+    assert build_identity(pinned, "sm80", versions)[1] is True
+    assert build_identity(model(), "sm80", versions)[1] is False  # no model digest
+    assert build_identity(pinned, "sm80", SETTINGS)[1] is False  # no backend version
+    calibrated = model(
+        model={"uri": "pvc://models/clf/model.onnx", "sha256": "a" * 64},
+        engine={"precision": "int8", "calibration": {"uri": "pvc://calib/set.npz"}},
+    )
+    assert build_identity(calibrated, "sm80", versions)[1] is False  # no calibration digest
+    other_calibration = model(
+        model={"uri": "pvc://models/clf/model.onnx", "sha256": "a" * 64},
+        engine={"precision": "int8", "calibration": {"uri": "pvc://calib/other.npz"}},
+    )
+    assert build_identity(calibrated, "sm80", versions)[0] != build_identity(other_calibration, "sm80", versions)[0]
+    evaluated = model(
+        model={"uri": "pvc://models/clf/model.onnx", "sha256": "a" * 64},
+        engine={"accuracy": {"evaluation": {"uri": "pvc://eval/a.npz"}}},
+    )
+    assert build_identity(evaluated, "sm80", versions)[1] is False
+    other_evaluation = model(
+        model={"uri": "pvc://models/clf/model.onnx", "sha256": "a" * 64},
+        engine={"accuracy": {"evaluation": {"uri": "pvc://eval/b.npz"}}},
+    )
+    assert build_identity(evaluated, "sm80", versions)[0] != build_identity(other_evaluation, "sm80", versions)[0]
+    custom_image = model(model={"uri": "pvc://models/clf/model.onnx", "sha256": "a" * 64}, serving={"image": "x:1"})
+    assert build_identity(custom_image, "sm80", versions)[1] is False
