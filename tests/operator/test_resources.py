@@ -269,3 +269,23 @@ def test_the_build_id_is_the_engine_key_only_when_every_digest_and_version_is_kn
     assert build_identity(evaluated, "sm80", versions)[0] != build_identity(other_evaluation, "sm80", versions)[0]
     custom_image = model(model={"uri": "pvc://models/clf/model.onnx", "sha256": "a" * 64}, serving={"image": "x:1"})
     assert build_identity(custom_image, "sm80", versions)[1] is False
+
+
+def test_the_users_match_fields_and_other_affinities_are_kept() -> None:
+    fields = {"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["gpu-1"]}]}
+    pod_affinity: dict[str, Any] = {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": []}}
+    required = {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [fields]}}
+    placement = {"affinity": {"nodeAffinity": required, **pod_affinity}}
+    affinity = deployment(model(serving={"placement": placement}))["spec"]["template"]["spec"]["affinity"]
+    assert affinity["podAntiAffinity"] == pod_affinity["podAntiAffinity"]
+    terms = affinity["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert all(t["matchFields"] == fields["matchFields"] for t in terms)
+    cpu = deployment(model(serving={"placement": placement}), arch="cpu")["spec"]["template"]["spec"]["affinity"]
+    assert cpu["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"] == [
+        {**fields, "matchExpressions": []}
+    ]
+
+
+def test_only_pvc_uris_are_mounted_as_claims() -> None:
+    im = model(engine={"precision": "int8", "calibration": {"uri": "file:///data/calib.npz"}})
+    assert needed_claims(im, SETTINGS) == {SETTINGS.engine_store_claim: "the engine store", "models": "the model"}
