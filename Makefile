@@ -14,7 +14,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml uv.lock | sha256sum | cut
 
 .DEFAULT_GOAL := help
 .PHONY: help install lock test-latest test lint unit e2e e2e-real demo manifests cluster-up cluster-down cluster-status \
-        cluster-kubeconfig images trt-bindings bench-runtime bench-build bench-int8 bench-precision bench-autoscale bench-http bench-operator bench-robustness bench-cache bench-batching bench-peers clean
+        cluster-kubeconfig images trt-bindings bench-runtime bench-build bench-int8 bench-precision bench-autoscale bench-http bench-operator bench-robustness bench-cache bench-batching bench-peers mutation clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -36,6 +36,9 @@ test-latest: | $(UV) ## the unit suite against the newest versions pyproject.tom
 	$(UV) venv --allow-existing .venv-latest
 	VIRTUAL_ENV=.venv-latest $(UV) pip install --upgrade --quiet -e '.[dev]'
 	.venv-latest/bin/pytest -m "not e2e"
+
+mutation: $(STAMP) ## mutation testing of the pure modules (MODULE=path, or all; default: those changed vs main); not in CI
+	$(PY) -m hack.mutation $(MODULE)
 
 BENCH_STAMP := $(VENV)/.bench-installed-$(shell cat pyproject.toml uv.lock | sha256sum | cut -c1-12)
 $(BENCH_STAMP): $(STAMP)

@@ -130,3 +130,133 @@ def test_the_product_fallback_selects_the_label_values_gfd_writes() -> None:
     assert "NVIDIA-H100-80GB-HBM3" in h100
     for value in [*t4, *h100]:  # every value we select on maps back to its architecture
         assert node_architecture({"nvidia.com/gpu.product": value}) in {"sm75", "sm90"}
+
+
+def affinity(*expressions: dict[str, object]) -> Placement:
+    required = {"nodeSelectorTerms": [{"matchExpressions": list(expressions)}]}
+    return Placement.model_validate(
+        {"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": required}}}
+    )
+
+
+def memory_node(value: str) -> NodeInfo:
+    return NodeInfo(name="n", labels={"nvidia.com/gpu.product": "NVIDIA-A100", "gpu-memory": value}, gpus=1)
+
+
+def test_gt_and_lt_affinity_compare_label_values_as_integers() -> None:
+    node = memory_node("80")
+    assert eligible(node, affinity({"key": "gpu-memory", "operator": "Gt", "values": ["40"]}), gpus=1)
+    assert not eligible(node, affinity({"key": "gpu-memory", "operator": "Gt", "values": ["80"]}), gpus=1)
+    assert eligible(node, affinity({"key": "gpu-memory", "operator": "Lt", "values": ["100"]}), gpus=1)
+    assert not eligible(node, affinity({"key": "gpu-memory", "operator": "Lt", "values": ["80"]}), gpus=1)
+    # 9 < 10 as integers (as strings "9" > "10"); a non-integer or absent label never matches
+    assert eligible(
+        memory_node("9"),
+        affinity({"key": "gpu-memory", "operator": "Lt", "values": ["10"]}),
+        gpus=1,
+    )
+    assert not eligible(
+        memory_node("big"),
+        affinity({"key": "gpu-memory", "operator": "Gt", "values": ["1"]}),
+        gpus=1,
+    )
+    assert not eligible(
+        gpu_node("n", "8", "0"), affinity({"key": "gpu-memory", "operator": "Gt", "values": ["1"]}), gpus=1
+    )
+    assert not eligible(node, affinity({"key": "gpu-memory", "operator": "Gt", "values": []}), gpus=1)
+
+
+def test_in_notin_exists_and_doesnotexist_affinity_operators() -> None:
+    node = gpu_node("n", "8", "0", pool="a")
+    for operator, values, expected in [
+        ("In", ["a", "b"], True),
+        ("In", ["b"], False),
+        ("NotIn", ["b"], True),
+        ("NotIn", ["a"], False),
+        ("Exists", [], True),
+        ("DoesNotExist", [], False),
+        ("Unknown", ["a"], False),
+    ]:
+        assert eligible(node, affinity({"key": "pool", "operator": operator, "values": values}), gpus=1) is expected
+    bare = gpu_node("n", "8", "0")
+    assert eligible(bare, affinity({"key": "pool", "operator": "NotIn", "values": ["a"]}), gpus=1)
+    assert eligible(bare, affinity({"key": "pool", "operator": "DoesNotExist"}), gpus=1)
+    assert not eligible(bare, affinity({"key": "pool", "operator": "In", "values": ["a"]}), gpus=1)
+
+
+def test_a_node_object_parses_into_labels_taints_and_gpu_counts() -> None:
+    node = NodeInfo.from_node(
+        {
+            "metadata": {"name": "gpu-1", "labels": {"nvidia.com/gpu.compute.major": "9"}},
+            "spec": {"taints": [{"key": "nvidia.com/gpu", "value": None, "effect": "NoSchedule", "timeAdded": "t"}]},
+            "status": {"capacity": {"nvidia.com/gpu": "8", "cpu": "64"}, "allocatable": {"nvidia.com/gpu": "7"}},
+        }
+    )
+    assert node == NodeInfo(
+        name="gpu-1",
+        labels={"nvidia.com/gpu.compute.major": "9"},
+        taints=({"key": "nvidia.com/gpu", "effect": "NoSchedule"},),
+        gpus=8,
+        allocatable=7,
+    )
+    assert node.allocatable_gpus == 7
+    bare = NodeInfo.from_node({"metadata": {"name": "cpu-1"}, "status": {"capacity": {"nvidia.com/gpu": "lots"}}})
+    assert (bare.gpus, bare.allocatable_gpus, bare.taints, dict(bare.labels)) == (0, 0, (), {})
+    unlisted = NodeInfo.from_node({"metadata": {"name": "g"}, "status": {"capacity": {"nvidia.com/gpu": 4}}})
+    assert (unlisted.gpus, unlisted.allocatable, unlisted.allocatable_gpus) == (4, 4, 4)
+    assert NodeInfo(name="x", gpus=3).allocatable_gpus == 3
+
+
+PRODUCTS = {
+    "NVIDIA-GB200": "sm100",
+    "NVIDIA-B200": "sm100",
+    "NVIDIA-B100": "sm100",
+    "NVIDIA-GH200-480GB": "sm90",
+    "NVIDIA-H200": "sm90",
+    "NVIDIA-H100-80GB-HBM3": "sm90",
+    "NVIDIA-H800": "sm90",
+    "NVIDIA-H20": "sm90",
+    "NVIDIA-L40S": "sm89",
+    "NVIDIA-L40": "sm89",
+    "NVIDIA-L4": "sm89",
+    "NVIDIA-GeForce-RTX-4090": "sm89",
+    "NVIDIA-RTX-6000-Ada-Generation": "sm89",
+    "NVIDIA-A100-SXM4-80GB": "sm80",
+    "NVIDIA-A800": "sm80",
+    "NVIDIA-A30": "sm80",
+    "NVIDIA-A40": "sm86",
+    "NVIDIA-A10G": "sm86",
+    "NVIDIA-A10": "sm86",
+    "NVIDIA-A16": "sm86",
+    "NVIDIA-A2": "sm86",
+    "NVIDIA-RTX-A6000": "sm86",
+    "Tesla-T4": "sm75",
+    "Tesla-V100-SXM2-16GB": "sm70",
+    "Tesla-P100-PCIE-16GB": "sm60",
+    "Tesla-P4": "sm61",
+}
+
+
+def test_every_listed_gpu_product_maps_to_its_architecture() -> None:
+    for product, arch in PRODUCTS.items():
+        assert node_architecture({"nvidia.com/gpu.product": product}) == arch, product
+        assert node_architecture({"nvidia.com/gpu.product": product.lower()}) == arch, product
+    assert node_architecture({"nvidia.com/gpu.product": "NVIDIA-Unknown"}) is None
+    assert node_architecture({"nvidia.com/gpu.compute.major": "8", "nvidia.com/gpu.compute.minor": "x"}) is None
+
+
+def test_every_architectures_product_label_values_select_its_boards() -> None:
+    assert architecture_selector("sm75")[1] == ["Tesla-T4"]
+    assert architecture_selector("sm89")[1] == [
+        "NVIDIA-L40S",
+        "NVIDIA-L40",
+        "NVIDIA-L4",
+        "NVIDIA-RTX-4090",
+        "NVIDIA-RTX-6000-Ada",
+    ]
+    assert architecture_selector("sm90")[1][:3] == ["NVIDIA-GH200", "NVIDIA-H200", "NVIDIA-H100-80GB-HBM3"]
+    assert architecture_selector("sm100") == (
+        {"nvidia.com/gpu.compute.major": "10", "nvidia.com/gpu.compute.minor": "0"},
+        ["NVIDIA-GB200", "NVIDIA-B200", "NVIDIA-B100"],
+    )
+    assert architecture_selector("cpu") == ({}, [])

@@ -497,3 +497,159 @@ def test_zero_replicas_is_ready_as_desired_and_not_serving() -> None:
         "False",
         "False",
     ]
+
+
+def built(im: InferenceModel, result: dict[str, Any]) -> tuple[Plan, list[dict[str, Any]]]:
+    """Plan once, finish every build Job with `result` (its key suffixed by the architecture), plan again."""
+    first = plan(im, Observed(nodes=FLEET), settings=SETTINGS, now=NOW)
+    jobs = [finished_job(j) for j in kinds(first, "Job")]
+    results = {
+        j["metadata"]["name"]: {
+            **result,
+            "key": f"{result['key']}-{j['metadata']['labels']['modelfleet.io/architecture']}",
+        }
+        for j in jobs
+    }
+    second = plan(
+        with_status(im, first.status),
+        Observed(nodes=FLEET, jobs=jobs, build_results=results),
+        settings=SETTINGS,
+        now=NOW,
+    )
+    return second, jobs
+
+
+def test_the_engine_status_records_what_the_build_reported() -> None:
+    accuracy = {
+        "maxAbsError": 0.01,
+        "maxRelError": 0.002,
+        "top1Agreement": 0.995,
+        "evaluation": {"samples": 100, "referenceAccuracy": 0.9, "accuracy": 0.89, "accuracyDrop": 0.01},
+    }
+    result = {
+        "phase": "Ready",
+        "key": "k",
+        "backend": "tensorrt",
+        "backendVersion": "10.3.0",
+        "precision": "fp16",
+        "buildSeconds": 42.5,
+        "accuracy": accuracy,
+        "cacheHit": True,
+    }
+    p, _ = built(model(), result)
+    engine = next(e for e in p.status["engines"] if e["architecture"] == "sm80")
+    assert engine["phase"] == "Ready" and engine["key"] == "k-sm80"
+    assert engine["backendVersion"] == "10.3.0"
+    assert engine["buildSeconds"] == 42.5
+    assert engine["precision"] == "fp16" and engine["backend"] == "tensorrt"
+    assert engine["accuracy"] == accuracy
+    assert engine["message"] == "cache hit"
+    assert next(e.message for e in p.events if e.reason == "EngineReady") == "sm75: engine k-sm75 ready (cache hit)"
+
+
+def test_an_engine_built_without_figures_says_built_and_keeps_the_spec_backend() -> None:
+    p, _ = built(model(), {"phase": "Ready", "key": "k"})
+    engine = next(e for e in p.status["engines"] if e["architecture"] == "sm80")
+    assert (engine["message"], engine["backend"], engine["precision"]) == ("built", "tensorrt", "fp16")
+    assert "accuracy" not in engine and "buildSeconds" not in engine and "backendVersion" not in engine
+
+
+def test_a_build_job_that_has_not_finished_is_building_or_waiting_for_a_node() -> None:
+    first = plan(model(), Observed(nodes=FLEET), settings=SETTINGS, now=NOW)
+    im = with_status(model(), first.status)
+    jobs = copy.deepcopy(kinds(first, "Job"))
+    jobs[0]["status"] = {"active": 1}
+    jobs[1]["status"] = {"active": 0, "conditions": [{"type": "Complete", "status": "False"}]}
+    p = plan(im, Observed(nodes=FLEET, jobs=jobs), settings=SETTINGS, now=NOW)
+    engines = {e["job"]: e for e in p.status["engines"]}
+    assert (engines[jobs[0]["metadata"]["name"]]["phase"], engines[jobs[0]["metadata"]["name"]]["message"]) == (
+        "Building",
+        "building",
+    )
+    assert (engines[jobs[1]["metadata"]["name"]]["phase"], engines[jobs[1]["metadata"]["name"]]["message"]) == (
+        "Pending",
+        "waiting for a node",
+    )
+    assert len(kinds(p, "Job")) == 4  # applied again, unchanged: the Job goes on
+    assert kinds(p, "Deployment") == []
+    assert jobs_awaiting_results(im, jobs) == []
+    assert cond(p, "Ready")["status"] == "False"
+
+
+def test_a_model_waiting_for_its_replicas_is_not_ready_and_is_reconciling() -> None:
+    p, jobs = built(model(replicas=4), {"phase": "Ready", "key": "k"})
+    deployments = copy.deepcopy(kinds(p, "Deployment"))
+    for dep in deployments:
+        dep["metadata"]["generation"] = 1
+        dep["status"] = {"observedGeneration": 1, "replicas": 1, "updatedReplicas": 1, "availableReplicas": 0}
+    waiting = plan(
+        with_status(model(replicas=4), p.status),
+        Observed(nodes=FLEET, jobs=jobs, deployments=deployments),
+        settings=SETTINGS,
+        now=NOW,
+    )
+    assert cond(waiting, "Ready")["status"] == "False"
+    assert cond(waiting, "Reconciling")["status"] == "True"
+    assert "Ready" not in [e.reason for e in waiting.events]
+
+
+def test_becoming_ready_emits_one_ready_event() -> None:
+    p, jobs = built(model(replicas=4), {"phase": "Ready", "key": "k"})
+    im = with_status(model(replicas=4), p.status)
+    deployments = [ready_deployment(d) for d in kinds(p, "Deployment")]
+    ready = plan(im, Observed(nodes=FLEET, jobs=jobs, deployments=deployments), settings=SETTINGS, now=NOW)
+    assert cond(ready, "Ready")["status"] == "True"
+    assert [(e.type, e.reason) for e in ready.events] == [("Normal", "Ready")]
+    again = plan(
+        with_status(im, ready.status),
+        Observed(nodes=FLEET, jobs=jobs, deployments=deployments),
+        settings=SETTINGS,
+        now=NOW,
+    )
+    assert again.events == []
+
+
+def test_losing_service_emits_a_not_serving_warning() -> None:
+    im, jobs, deployments = serve(model(replicas=4))
+    down = copy.deepcopy(deployments)
+    for dep in down:
+        dep["status"].update({"readyReplicas": 0, "availableReplicas": 0})
+    p = plan(im, Observed(nodes=FLEET, jobs=jobs, deployments=down), settings=SETTINGS, now=NOW)
+    assert cond(p, "Serving")["status"] == "False"
+    assert [e.type for e in p.events if e.reason == "NotServing"] == ["Warning"]
+
+
+def test_the_status_lists_each_architecture_with_its_nodes_replicas_and_deployment() -> None:
+    im, _, _ = serve(model(replicas=4))
+    architectures = im.model_dump(mode="json", by_alias=True, exclude_none=True)["status"]["architectures"]
+    assert architectures == [
+        {"name": a, "nodes": 1, "replicas": 1, "readyReplicas": 1, "deployment": deployment_name("clf", a)}
+        for a in ARCHS
+    ]
+    assert (im.status.replicas, im.status.ready_replicas) == (4, 4)
+
+
+def test_old_jobs_stay_while_the_deployment_status_is_stale() -> None:
+    im, old_jobs, deployments = serve(model())
+    changed = with_status(model(engine={"precision": "fp32"}), im.model_dump(mode="json", by_alias=True)["status"])
+    p1 = plan(changed, Observed(nodes=FLEET, jobs=old_jobs, deployments=deployments), settings=SETTINGS, now=NOW)
+    new_jobs = [finished_job(j) for j in kinds(p1, "Job")]
+    results = {j["metadata"]["name"]: {"phase": "Ready", "key": "new-" + j["metadata"]["name"]} for j in new_jobs}
+    changed = with_status(changed, p1.status)
+    observed = Observed(nodes=FLEET, jobs=old_jobs + new_jobs, deployments=deployments, build_results=results)
+    p2 = plan(changed, observed, settings=SETTINGS, now=NOW)
+    # The API server took the new template (generation +1) but the Deployment controller has not looked yet:
+    # its status is the old, fully rolled one.
+    stale = []
+    for desired in kinds(p2, "Deployment"):
+        dep = ready_deployment(desired)
+        dep["status"]["observedGeneration"] = dep["metadata"]["generation"] - 1
+        stale.append(dep)
+    p3 = plan(
+        with_status(changed, p2.status),
+        Observed(nodes=FLEET, jobs=old_jobs + new_jobs, deployments=stale),
+        settings=SETTINGS,
+        now=NOW,
+    )
+    assert p3.delete == []
+    assert cond(p3, "Ready")["status"] == "False"

@@ -265,3 +265,78 @@ def test_key_needs_the_evaluation_digest() -> None:
     with pytest.raises(ValueError, match="evaluation"):
         key(options=undigested)
     assert key(options=undigested.with_evaluation_digest("sha256:" + DIGEST.upper())) == key(options=evaluated())
+
+
+# One golden engine key per backend and precision (model "a"*64, sm80, backend version 1.0). Changing any of
+# these means every engine in every store is rebuilt: make it only with a KEY_SCHEMA bump.
+CALIBRATED = Calibration(path="c.npz", sha256="c" * 64)
+GOLDEN_KEYS: dict[str, tuple[BuildOptions, str]] = {
+    "onnxruntime-fp32": (
+        BuildOptions(backend="onnxruntime", precision="fp32"),
+        "71556d468284cf323e276ffe2aa5bbde65bfee983dcd8114c25827c86ebaace1",
+    ),
+    "onnxruntime-fp16": (
+        BuildOptions(backend="onnxruntime", precision="fp16"),
+        "bd2d1b5959376dc9c3b28bae9491246f559d4cb70234185fbc4bbe2fcd398f18",
+    ),
+    "onnxruntime-int8-dynamic": (
+        BuildOptions(backend="onnxruntime", precision="int8"),
+        "dc790f938bbe5241802aad2cd6d533a30db3c21e43b7e06a677f71f0ec226f2c",
+    ),
+    "onnxruntime-int8-static": (
+        BuildOptions(
+            backend="onnxruntime",
+            precision="int8",
+            calibration=CALIBRATED,
+            onnxruntime=OnnxRuntimeOptions(quantization="static"),
+        ),
+        "d4e49faa6bd593974c9d85adf75465ce1f97b49d151bcf9ec7482677a0f15c4e",
+    ),
+    "onnxruntime-int8-qdq": (
+        BuildOptions(
+            backend="onnxruntime",
+            precision="int8",
+            calibration=CALIBRATED,
+            onnxruntime=OnnxRuntimeOptions(quantization="qdq"),
+        ),
+        "8cc6ce80ca3470ef6c795c59eade34b768bdf827677d86589115a07b54496659",
+    ),
+    "onnxruntime-fp8": (
+        BuildOptions(backend="onnxruntime", precision="fp8", calibration=CALIBRATED),
+        "a829167b69f58e3562eabc831cec8a52cd0cb44615e3465834b80e90b760bd07",
+    ),
+    "tensorrt-fp32": (
+        BuildOptions(backend="tensorrt", precision="fp32"),
+        "94be13606fb72e5c117242003116edcfbf499d9d1fde15f548128c1ea4bcdfa3",
+    ),
+    "tensorrt-fp16": (
+        BuildOptions(backend="tensorrt", precision="fp16"),
+        "8daf63c74e572605952784d3cc34eca323fd9bc2a36c65a7ae1cfd0964192e7f",
+    ),
+    "tensorrt-int8": (
+        BuildOptions(backend="tensorrt", precision="int8", calibration=CALIBRATED),
+        "05fc7b1d7c084b0ba6db962fd62fdad7ed50285f37a26c6331ff844ecaf1c20e",
+    ),
+    "tensorrt-fp8": (
+        BuildOptions(backend="tensorrt", precision="fp8", calibration=CALIBRATED),
+        "f28016e1d8980c1b0329b9a1986037fb2b85abb9218cf6d4b8289c961c0dcf0f",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GOLDEN_KEYS))
+def test_each_backend_and_precision_keeps_its_engine_key(case: str) -> None:
+    options, golden = GOLDEN_KEYS[case]
+    assert key(options=options, backend_version="1.0") == golden
+
+
+def test_onnxruntime_quantization_settings_enter_only_an_onnxruntime_int8_key() -> None:
+    static = OnnxRuntimeOptions(quantization="static")
+    for base in [
+        BuildOptions(backend="tensorrt", precision="int8", calibration=CALIBRATED),
+        BuildOptions(backend="onnxruntime", precision="fp16", calibration=CALIBRATED),
+        BuildOptions(backend="onnxruntime", precision="fp32", calibration=CALIBRATED),
+    ]:
+        assert key(options=base) == key(options=base.model_copy(update={"onnxruntime": static}))
+    int8 = BuildOptions(backend="onnxruntime", precision="int8", calibration=CALIBRATED)
+    assert key(options=int8) != key(options=int8.model_copy(update={"onnxruntime": static}))

@@ -1,0 +1,155 @@
+"""Scrape arithmetic at its edges: restarts seen through `_created`, scrapes at one instant, q = 1, bucket edges."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from modelfleet_operator.autoscaler.metrics import (
+    Histogram,
+    MetricsParseError,
+    PodTarget,
+    Snapshot,
+    build_observation,
+    build_pod_window,
+    histogram_delta,
+    histogram_quantile,
+    merge_histograms,
+    parse_snapshot,
+)
+
+BOUNDS = (0.1, 0.5, math.inf)
+
+
+def snap(time: float, total: float, *, created: float | None = None, counts: tuple[float, ...] = (0, 0, 0)) -> Snapshot:
+    return Snapshot(
+        time=time,
+        requests={"success": total},
+        request_duration=Histogram(BOUNDS, counts, sum(counts)),
+        created=created,
+    )
+
+
+def test_a_changed_created_time_is_a_restart_even_when_the_counter_grew() -> None:
+    window = build_pod_window("p", snap(0, 100, created=1.0), snap(10, 150, created=5.0))
+    assert window.reset
+    assert window.qps == pytest.approx(15.0)  # all 150 since the restart, not 50
+    same = build_pod_window("p", snap(0, 100, created=1.0), snap(10, 150, created=1.0))
+    assert not same.reset
+    assert same.qps == pytest.approx(5.0)
+    unknown = build_pod_window("p", snap(0, 100), snap(10, 150, created=5.0))
+    assert not unknown.reset
+    assert unknown.qps == pytest.approx(5.0)
+
+
+def test_counters_or_buckets_going_down_are_a_restart() -> None:
+    assert build_pod_window("p", snap(0, 100), snap(10, 40)).qps == pytest.approx(4.0)
+    went_down = build_pod_window("p", snap(0, 10, counts=(5, 8, 10)), snap(10, 12, counts=(2, 9, 12)))
+    assert went_down.reset
+    assert went_down.duration == Histogram(BOUNDS, (2, 9, 12), 23)
+    grew = build_pod_window("p", snap(0, 10, counts=(5, 8, 10)), snap(10, 12, counts=(5, 9, 12)))
+    assert not grew.reset
+    assert grew.duration == Histogram(BOUNDS, (0, 1, 2), 3)
+
+
+def test_two_scrapes_at_the_same_time_give_no_rate_not_a_division_by_zero() -> None:
+    window = build_pod_window("p", snap(10, 100), snap(10, 150))
+    assert (window.qps, window.duration) == (None, None)
+    assert build_pod_window("p", snap(11, 100), snap(10, 150)).qps is None
+    assert build_pod_window("p", None, snap(10, 150)).qps is None
+    assert build_pod_window("p", snap(10, 150), None).qps is None
+
+
+def test_q_of_one_is_the_top_finite_bound_the_observations_reach() -> None:
+    h = Histogram(BOUNDS, (5, 10, 10))
+    assert histogram_quantile(1.0, h) == pytest.approx(0.5)
+    assert histogram_quantile(1.0, Histogram(BOUNDS, (5, 10, 12))) == pytest.approx(0.5)  # in +Inf: highest finite
+    assert histogram_quantile(0.5, h) == pytest.approx(0.1)  # rank 5 reaches the first bucket's top exactly
+    assert histogram_quantile(0.75, h) == pytest.approx(0.3)
+    assert histogram_quantile(0.25, h) == pytest.approx(0.05)  # the first bucket starts at 0
+    assert histogram_quantile(0.0, h) == pytest.approx(0.0)
+    assert histogram_quantile(1.5, h) == math.inf
+    assert histogram_quantile(-0.5, h) == -math.inf
+    assert histogram_quantile(math.nan, h) is None
+    assert histogram_quantile(0.5, Histogram(BOUNDS, (0, 0, 0))) is None
+    assert histogram_quantile(0.5, Histogram((0.1, 0.5), (1, 2))) is None  # no +Inf bucket
+    assert histogram_quantile(0.5, Histogram((math.inf,), (3,))) is None
+    assert histogram_quantile(0.5, Histogram((-1.0, 1.0, math.inf), (4, 4, 4))) == -1.0
+    with pytest.raises(ValueError, match="differ in length"):
+        histogram_quantile(0.5, Histogram(BOUNDS, (1, 2)))
+
+
+def test_non_monotonic_and_repeated_buckets_are_coalesced_like_promql() -> None:
+    # counts going down along the bounds (a non-atomic scrape) are raised to the previous one
+    assert histogram_quantile(0.5, Histogram(BOUNDS, (10, 4, 10))) == pytest.approx(0.05)
+    repeated = Histogram((0.1, 0.1, 0.5, math.inf), (2, 3, 10, 10))
+    assert histogram_quantile(0.5, repeated) == pytest.approx(0.1)
+
+
+def test_deltas_and_merges_work_bucket_by_bound() -> None:
+    prev, cur = Histogram(BOUNDS, (1, 2, 3), 1.0), Histogram(BOUNDS, (2, 4, 6), 3.0)
+    assert histogram_delta(prev, cur) == Histogram(BOUNDS, (1, 2, 3), 2.0)
+    assert histogram_delta(prev, cur, reset=True) == cur
+    assert histogram_delta(None, cur) == cur
+    other = Histogram((0.2, math.inf), (1, 1), 0.5)
+    assert histogram_delta(other, cur) == cur  # another layout: everything is new
+    assert merge_histograms([prev, other]) == Histogram((0.1, 0.2, 0.5, math.inf), (1, 1, 2, 4), 1.5)
+    assert merge_histograms([]) is None
+
+
+EXPOSITION = """\
+# TYPE modelfleet_requests_total counter
+modelfleet_requests_total{model="m",outcome="success"} 10
+modelfleet_requests_total{model="m",outcome="rejected_queue_full"} 2
+modelfleet_requests_total{model="other",outcome="success"} 99
+# TYPE modelfleet_requests_created gauge
+modelfleet_requests_created{model="m",outcome="success"} 1700000000
+modelfleet_requests_created{model="m",outcome="rejected_queue_full"} 1600000000
+# TYPE modelfleet_request_duration_seconds histogram
+modelfleet_request_duration_seconds_bucket{model="m",le="0.1"} 4
+modelfleet_request_duration_seconds_bucket{model="m",le="+Inf"} 10
+modelfleet_request_duration_seconds_sum{model="m"} 1.5
+modelfleet_request_duration_seconds_count{model="m"} 10
+# TYPE modelfleet_queue_depth gauge
+modelfleet_queue_depth{model="m"} 3
+# TYPE modelfleet_inflight_requests gauge
+modelfleet_inflight_requests{model="m"} 1
+"""
+
+
+def test_a_scrape_keeps_the_models_series_and_the_oldest_created_time() -> None:
+    s = parse_snapshot(EXPOSITION, model="m", time=5.0)
+    assert s.requests == {"success": 10.0, "rejected_queue_full": 2.0}
+    assert s.requests_total == 12.0
+    assert s.created == 1600000000.0
+    assert s.request_duration == Histogram((0.1, math.inf), (4.0, 10.0), 1.5)
+    assert (s.queue_depth, s.inflight, s.time) == (3.0, 1.0, 5.0)
+    assert s.request_duration.count == 10.0
+    assert Histogram((), ()).count == 0.0
+
+
+def test_a_histogram_without_inf_or_le_is_refused() -> None:
+    no_inf = (
+        "# TYPE modelfleet_request_duration_seconds histogram\n"
+        'modelfleet_request_duration_seconds_bucket{model="m",le="0.1"} 4\n'
+    )
+    with pytest.raises(MetricsParseError, match=r"no \+Inf bucket"):
+        parse_snapshot(no_inf, model="m", time=0.0)
+    with pytest.raises(MetricsParseError, match="cannot parse"):
+        parse_snapshot("modelfleet_requests_total{model=} x y z\n", model="m", time=0.0)
+
+
+def test_the_observation_merges_ready_pods_and_marks_the_rest_missing() -> None:
+    pods = [PodTarget("a", True), PodTarget("b", True), PodTarget("c", False)]
+    previous = {"a": snap(0, 0, counts=(0, 0, 0)), "b": snap(0, 0)}
+    current = {"a": snap(10, 100, counts=(50, 100, 100)), "b": None}
+    obs, windows = build_observation(
+        now=10.0, current_replicas=3, pods=pods, previous=previous, current=current, quantile=1.0
+    )
+    assert [(p.name, p.ready, p.qps) for p in obs.pods] == [("a", True, 10.0), ("b", True, None), ("c", False, None)]
+    assert [w.name for w in windows] == ["a", "b"]
+    assert obs.p99_seconds == pytest.approx(0.5)
+    assert (obs.latency_count, obs.latency_available, obs.current_replicas) == (100, True, 3)
+    none, _ = build_observation(now=10.0, current_replicas=1, pods=pods[1:2], previous={}, current={"b": None})
+    assert (none.p99_seconds, none.latency_count, none.latency_available) == (None, 0.0, False)
