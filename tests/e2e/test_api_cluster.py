@@ -108,7 +108,9 @@ def test_minimal_example_is_stored_with_every_default(cluster: Any, namespace: s
     assert spec["engine"]["batch"] == {"min": 1, "opt": 16, "max": 32}
     assert (spec["engine"]["backend"], spec["engine"]["precision"]) == ("auto", "fp16")
     assert spec["serving"]["resources"] == {"gpu": 1, "cpu": "2", "memory": "8Gi"}
-    assert spec["serving"]["batching"]["maxQueueDelayMicroseconds"] == 1000
+    assert spec["serving"]["batching"]["maxQueueSize"] == 1024
+    # No queue delay is stored: absent, the serving pods batch adaptively (a stored default would pin it).
+    assert "maxQueueDelayMicroseconds" not in spec["serving"]["batching"]
 
 
 def test_a_labeled_accuracy_gate_is_accepted_stored_and_explained(
