@@ -10,14 +10,17 @@ The rules, in order:
 1. **limit**: the largest batch whose compute fits half the p99 target, so a request's own batch leaves the
    other half for queueing. If at that size the instances would be busy more than `BUSY` of the time with
    the demand (the arrival rate, plus the backlog drained within half the target), the smallest larger
-   batch that brings them under it, else the one that drains fastest: the SLO is then better served by
-   bigger batches than by a queue that grows;
-2. **delay**: none while single requests keep up (utilization of batch-1 dispatch under `comfortable`):
-   any wait is then pure latency. Otherwise wait up to the time the arrivals need to fill the limit, at most
-   a tenth of the target (and at most `max_delay_s`), so free instances compute full batches instead of
-   spending their cost per batch on single requests.
+   batch that brings them under it, else the one that drains fastest (the max batch): the SLO is then
+   better served by bigger batches than by a queue that grows, and near capacity even a 1 % slower size
+   lets the queue grow without bound;
+2. **delay**: none while single requests keep up (utilization of batch-1 dispatch under `COMFORTABLE`):
+   any wait is then pure latency. Otherwise wait up to the time the arrivals need to fill the limit, but at
+   most `WAIT_SHARE` of a single request's compute (and at most `max_delay_s`): requests that arrive
+   together then share a batch, while no request waits longer than a tenth of what its own compute costs.
 Under load the queue fills while the instances are busy whatever the delay, so the limit is what bounds
-p99 there; the delay matters when an instance is free.
+p99 there; the delay matters only when an instance is free, and there a long wait buys little: dispatching
+at once lets batches grow with the backlog by themselves (bench/batchsim.py shows it), so the wait is kept
+short, to gather requests that arrive together.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from dataclasses import dataclass
 FORGET = 0.97  # weight kept by the previous batches at each new one: a memory of ~30 batches
 RATE_TAU_S = 1.0  # time constant of the arrival-rate estimate
 BATCH_SHARE = 0.5  # share of the p99 target a batch's own compute may take
-DELAY_SHARE = 0.1  # share of the p99 target the queue delay may take
+WAIT_SHARE = 0.1  # share of a single request's compute the queue delay may add to it
 COMFORTABLE = 0.5  # batch-1 utilization under which requests are dispatched at once
 BUSY = 0.8  # utilization above which the limit grows past the batch that fits the target
 RECHOOSE_S = 0.02  # a choice is kept this long before it is computed again
@@ -167,14 +170,10 @@ def smallest_keeping_up(costs: CostModel, rate: float, instances: int, above: in
 
 
 def fastest_draining(costs: CostModel, top: int, fits: int) -> int:
-    """The batch size with the most items per second; among sizes within 1 % of it, the one nearest `fits`
-    from above (with no batching gain measured, every size drains alike and the one that fits is kept).
-    b / (a + k*b) grows with b, so the fastest is `top`, and b is within 1 % of it from
-    b >= 0.99 * top * a / (a + 0.01 * k * top)."""
-    a, k = costs.line()
-    if a <= 0:
-        return fits
-    return max(fits, min(top, math.ceil(0.99 * top * a / (a + 0.01 * k * top) - EPS)))
+    """The batch size with the most items per second: b / (a + k*b) grows with b, so `top`; with no batching
+    gain measured (a = 0) every size drains alike and the one that fits is kept."""
+    a, _ = costs.line()
+    return top if a > 0 else fits
 
 
 def choose(costs: CostModel, rate: float, tuner: Tuner) -> Choice:
@@ -189,5 +188,5 @@ def choose(costs: CostModel, rate: float, tuner: Tuner) -> Choice:
     if limit == 1 or utilization(costs, rate, 1, n) < COMFORTABLE:
         return Choice(limit, 0.0, f"{why}; single requests keep up at {rate:.0f}/s, so no queue delay")
     fill_s = (limit - 1) / rate
-    delay = min(fill_s, DELAY_SHARE * target, tuner.max_delay_s)
+    delay = min(fill_s, WAIT_SHARE * costs.cost(1), tuner.max_delay_s)
     return Choice(limit, delay, f"{why}; at {rate:.0f}/s, wait up to {delay * 1e6:.0f} us for a batch to fill")
