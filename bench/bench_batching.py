@@ -44,7 +44,7 @@ DEFAULT_US = 1000
 LOADS = (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
 BURSTY = ((2.0, 0.3), (1.0, 1.3))  # (seconds, share of capacity), repeated
 TARGET_MS = 100
-MIN_REQUESTS = 1500  # per trace, so a light load's p99 rests on 15 tail samples, not 4
+MIN_REQUESTS = 1000  # per trace, so a light load's p99 rests on 10 tail samples, not 4
 
 
 def requests_for(case: Case) -> list[HttpRequest]:
