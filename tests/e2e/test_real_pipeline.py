@@ -202,12 +202,12 @@ def test_kubectl_scale_gives_three_real_pods_and_the_service_reaches_each(cluste
     x = np.ones((1, FEATURES), np.float32)
     statuses: list[int] = []
 
-    def each_pod_served() -> dict[str, float] | None:
+    def each_pod_served() -> bool:
         # A pod is Ready before kube-proxy has programmed it into the Service (the EndpointSlice and the iptables
         # sync lag behind on a busy node), so requests go in rounds until every pod has answered some.
         statuses.extend(post_once(base, x) for _ in range(30))
         after = successes_by_pod(cluster, served)
-        return after if all(after[pod] > before[pod] for pod in before) else None
+        return all(after[pod] > before[pod] for pod in before)
 
     wait_for("the Service to reach each of the 3 pods", each_pod_served, timeout=READY_SECONDS)
     assert statuses.count(200) == len(statuses), statuses

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from bench.batchsim import Costs, Outcome, simulate
+from bench.bench_batching import BURSTY, FIXED_DELAYS_US, LOADS, TARGET_MS
 from bench.loadgen import poisson_arrivals
 from modelfleet_runtime.adaptive import Tuner
 
-FIXED_DELAYS_S = (0.0, 0.0005, 0.001, 0.002, 0.005, 0.01)
-TARGET_S = 0.1
+TARGET_S = TARGET_MS / 1000
 ARRIVALS = 3000  # per trace: enough for a p99 of 30 tail samples
 
 # (name, costs, max batch size, instances): a CPU transformer like MiniLM (9 ms alone, 2 ms more per item),
@@ -25,8 +25,6 @@ SHAPES = [
     ("gpu-like", Costs(5e-3, 0.2e-3), 64, 1),
     ("light, 2 instances", Costs(2e-3, 0.5e-3), 32, 2),
 ]
-LOADS = (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
-BURSTY = ((2.0, 0.3), (1.0, 1.3))  # as in bench/bench_batching.py
 
 
 def trace(capacity: float, schedule: tuple[tuple[float, float], ...], seed: int) -> np.ndarray:
@@ -37,7 +35,7 @@ def trace(capacity: float, schedule: tuple[tuple[float, float], ...], seed: int)
 
 def outcomes(times: np.ndarray, costs: Costs, top: int, n: int) -> tuple[Outcome, Outcome]:
     """(best fixed delay's outcome in hindsight, adaptive's outcome) on one trace."""
-    fixed = [simulate(times, costs, max_batch_size=top, instances=n, delay_s=d) for d in FIXED_DELAYS_S]
+    fixed = [simulate(times, costs, max_batch_size=top, instances=n, delay_s=us / 1e6) for us in FIXED_DELAYS_US]
     most = max(o.throughput for o in fixed)
     best = min((o for o in fixed if o.throughput >= 0.99 * most), key=lambda o: o.p99_s)
     tuner = Tuner(max_batch_size=top, instances=n, target_s=TARGET_S, max_delay_s=TARGET_S)
