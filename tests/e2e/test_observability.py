@@ -59,6 +59,7 @@ def test_a_model_s_life_is_told_in_json_lines_metrics_and_counted_events(
             (lines := [f for f in json_lines(operator.log()) if f.get("object") == obj])
             and any(f["msg"] == "build finished" for f in lines)
             and any(f.get("condition") == "Ready" and f.get("status") == "True" for f in lines)
+            and any(f.get("event") and f["reason"] == "Ready" for f in lines)  # logged after the status patch
             and lines
         ),
         timeout=60,
