@@ -10,9 +10,11 @@ The rules, in order:
 1. **limit**: the largest batch whose compute fits half the p99 target, so a request's own batch leaves the
    other half for queueing. If at that size the instances would be busy more than `BUSY` of the time with
    the demand (the arrival rate, plus the backlog drained within half the target), the smallest larger
-   batch that brings them under it, else the one that drains fastest (the max batch): the SLO is then
-   better served by bigger batches than by a queue that grows, and near capacity even a 1 % slower size
-   lets the queue grow without bound;
+   batch that brings them under it, else the max batch, which drains fastest: the SLO is then better
+   served by bigger batches than by a queue that grows, and near capacity even a 1 % slower size lets the
+   queue grow without bound. That holds even where no batching gain is measured (a = 0): a fit of 0 may be
+   a small gain hidden by noise, and while the limit stays put every batch has its size, so the fit never
+   learns otherwise;
 2. **delay**: none while single requests keep up (utilization of batch-1 dispatch under `COMFORTABLE`):
    any wait is then pure latency. Otherwise wait up to the time the arrivals need to fill the limit, but at
    most `WAIT_SHARE` of a single request's compute (and at most `max_delay_s`): requests that arrive
@@ -30,6 +32,7 @@ from dataclasses import dataclass
 
 FORGET = 0.97  # weight kept by the previous batches at each new one: a memory of ~30 batches
 RATE_TAU_S = 1.0  # time constant of the arrival-rate estimate
+MIN_WINDOW_S = 0.1  # the shortest time the rate is measured over, so the first arrival does not read as a flood
 BATCH_SHARE = 0.5  # share of the p99 target a batch's own compute may take
 WAIT_SHARE = 0.1  # share of a single request's compute the queue delay may add to it
 COMFORTABLE = 0.5  # batch-1 utilization under which requests are dispatched at once
@@ -82,18 +85,25 @@ class CostModel:
 
 
 class RateMeter:
-    """Arrivals per second, an exponentially decayed count (time constant `RATE_TAU_S`)."""
+    """Arrivals per second, an exponentially decayed count (time constant `RATE_TAU_S`), divided by the
+    decayed length of time it covers: in the first seconds that is shorter than `RATE_TAU_S`, so a server that
+    starts under load reads the load at once instead of ramping up to it (a backlog meanwhile). A pause longer
+    than `RATE_TAU_S` starts the count afresh: load after idle is read at once too."""
 
     def __init__(self) -> None:
         self._count = 0.0
         self._at: float | None = None
+        self._since = 0.0
 
     def add(self, items: int, now: float) -> None:
+        if self._at is None or now - self._at > RATE_TAU_S:
+            self._since, self._at, self._count = now, now, 0.0
         self._count = self._decayed(now) + items
         self._at = now
 
     def rate(self, now: float) -> float:
-        return self._decayed(now) / RATE_TAU_S
+        covered = max(now - self._since, MIN_WINDOW_S)
+        return self._decayed(now) / (RATE_TAU_S * -math.expm1(-covered / RATE_TAU_S))
 
     def _decayed(self, now: float) -> float:
         if self._at is None:
@@ -169,13 +179,6 @@ def smallest_keeping_up(costs: CostModel, rate: float, instances: int, above: in
     return b if b <= top else None
 
 
-def fastest_draining(costs: CostModel, top: int, fits: int) -> int:
-    """The batch size with the most items per second: b / (a + k*b) grows with b, so `top`; with no batching
-    gain measured (a = 0) every size drains alike and the one that fits is kept."""
-    a, _ = costs.line()
-    return top if a > 0 else fits
-
-
 def choose(costs: CostModel, rate: float, tuner: Tuner) -> Choice:
     """Rules 1 and 2 of the module docstring, from the current estimates (closed forms: no scan of sizes)."""
     top, n, target = tuner.max_batch_size, tuner.instances, tuner.target_s
@@ -183,7 +186,7 @@ def choose(costs: CostModel, rate: float, tuner: Tuner) -> Choice:
     why = f"a batch of {limit} computes in {costs.cost(limit) * 1e3:.1f} ms, within {BATCH_SHARE:.0%} of the target"
     if limit < top and utilization(costs, rate, limit, n) > BUSY:
         enough = smallest_keeping_up(costs, rate, n, limit, top)
-        limit = enough if enough is not None else fastest_draining(costs, top, limit)
+        limit = enough if enough is not None else top
         why = f"at {rate:.0f}/s batches within the target would keep the instances over {BUSY:.0%} busy: {limit}"
     if limit == 1 or utilization(costs, rate, 1, n) < COMFORTABLE:
         return Choice(limit, 0.0, f"{why}; single requests keep up at {rate:.0f}/s, so no queue delay")
