@@ -188,6 +188,15 @@ def test_key_material_is_canonical_json() -> None:
     assert normalize_architecture("8.9") == "sm89"
 
 
+def test_a_non_ascii_tensor_name_is_escaped_into_the_key() -> None:
+    # An ONNX input may be named in any script; the material stays ASCII, so the build Job (any locale) and
+    # the operator hash the same bytes.
+    options = BuildOptions(backend="onnxruntime", shapes={"größe": ShapeRange(min=(1,), opt=(2,), max=(3,))})
+    material = key_material(model_digest=DIGEST, options=options, architecture="sm89", backend_version="1.32.0")
+    assert "gr\\u00f6\\u00dfe" in material and material.isascii()
+    assert len(key(options=options)) == 64
+
+
 def test_operator_side_modules_import_without_onnx_numpy_or_tensorrt() -> None:
     code = (
         "import sys\n"
