@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from modelfleet_operator.api import Placement
 from modelfleet_operator.placement import (
     NodeInfo,
@@ -9,6 +11,7 @@ from modelfleet_operator.placement import (
     discover,
     eligible,
     node_architecture,
+    tolerations_for,
 )
 
 GPU_TAINT = {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
@@ -85,6 +88,46 @@ def test_node_selector_affinity_and_taints_decide_eligibility() -> None:
     }
     assert eligible(h100, Placement.model_validate({"affinity": affinity}), gpus=1)
     assert not eligible(gpu_node("h3", "9", "0"), Placement.model_validate({"affinity": affinity}), gpus=1)
+
+
+DEDICATED = {"key": "dedicated", "value": "llm", "effect": "NoSchedule"}
+
+
+@pytest.mark.parametrize(
+    ("toleration", "taint", "schedulable"),
+    [
+        ({"key": "dedicated", "value": "llm"}, DEDICATED, True),  # Equal by default, any effect
+        ({"key": "dedicated", "value": "llm", "effect": "NoSchedule"}, DEDICATED, True),
+        ({"key": "dedicated", "value": "llm", "effect": "NoExecute"}, DEDICATED, False),  # another effect
+        ({"key": "dedicated", "value": "web"}, DEDICATED, False),  # another value
+        ({"key": "dedicated"}, DEDICATED, False),  # Equal with no value matches only an empty value
+        ({"key": "dedicated"}, {"key": "dedicated", "effect": "NoSchedule"}, True),
+        ({"key": "other", "value": "llm"}, DEDICATED, False),  # another key
+        ({"key": "dedicated", "operator": "Exists"}, DEDICATED, True),  # any value
+        ({"key": "other", "operator": "Exists"}, DEDICATED, False),
+        ({"operator": "Exists"}, DEDICATED, True),  # no key: every taint
+        ({"operator": "Exists", "effect": "NoExecute"}, DEDICATED, False),
+        ({"key": "dedicated", "value": "llm"}, {**DEDICATED, "effect": "NoExecute"}, True),
+        ({"key": "other", "value": "x"}, {**DEDICATED, "effect": "PreferNoSchedule"}, True),  # only a preference
+        ({"key": "other", "value": "x"}, {"key": "node.kubernetes.io/not-ready", "effect": "NoExecute"}, True),
+    ],
+)
+def test_a_taint_is_tolerated_as_the_scheduler_does(
+    toleration: dict[str, str], taint: dict[str, str], schedulable: bool
+) -> None:
+    node = gpu_node("n", "9", "0", taints=(GPU_TAINT, taint))
+    placement = Placement.model_validate({"tolerations": [{"key": "unrelated", "operator": "Exists"}, toleration]})
+    assert eligible(node, placement, gpus=1) is schedulable
+
+
+def test_gpu_pods_tolerate_the_gpu_taint_and_cpu_pods_do_not() -> None:
+    placement = Placement.model_validate({"tolerations": [{"key": "dedicated", "value": "llm"}]})
+    mine = {"key": "dedicated", "operator": "Equal", "value": "llm", "effect": ""}
+    gpu = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    assert tolerations_for(placement, gpus=1) == [mine, gpu]
+    assert tolerations_for(placement, gpus=0) == [mine]
+    assert not eligible(gpu_node("g", "9", "0"), Placement(), gpus=0)  # the GPU taint keeps CPU pods off
+    assert eligible(gpu_node("g", "9", "0"), Placement(), gpus=1)
 
 
 def test_a_node_without_enough_gpus_is_not_eligible() -> None:
