@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import pytest
 
 from modelfleet_operator.api import Placement
@@ -110,14 +113,64 @@ DEDICATED = {"key": "dedicated", "value": "llm", "effect": "NoSchedule"}
         ({"key": "dedicated", "value": "llm"}, {**DEDICATED, "effect": "NoExecute"}, True),
         ({"key": "other", "value": "x"}, {**DEDICATED, "effect": "PreferNoSchedule"}, True),  # only a preference
         ({"key": "other", "value": "x"}, {"key": "node.kubernetes.io/not-ready", "effect": "NoExecute"}, True),
+        ({"key": "dedicated", "value": "llm", "effect": "NoSchedule"}, {**DEDICATED, "effect": "NoExecute"}, False),
+        ({"key": "aaa", "operator": "Exists"}, DEDICATED, False),  # keys and values compare equal, not ordered
+        ({"key": "aaa", "value": "llm"}, DEDICATED, False),
+        ({"key": "dedicated", "value": "abc"}, DEDICATED, False),
     ],
 )
 def test_a_taint_is_tolerated_as_the_scheduler_does(
     toleration: dict[str, str], taint: dict[str, str], schedulable: bool
 ) -> None:
-    node = gpu_node("n", "9", "0", taints=(GPU_TAINT, taint))
-    placement = Placement.model_validate({"tolerations": [{"key": "unrelated", "operator": "Exists"}, toleration]})
+    # From JSON, as the API server sends them: fresh strings, equal but not the same objects as the literals.
+    # The first toleration's effect matches no NoSchedule taint, so the next one must still be looked at.
+    node = gpu_node("n", "9", "0", taints=fresh((GPU_TAINT, taint)))
+    first = {"key": "unrelated", "operator": "Exists", "effect": "NoExecute"}
+    placement = Placement.model_validate(fresh({"tolerations": [first, toleration]}))
     assert eligible(node, placement, gpus=1) is schedulable
+
+
+def fresh(obj: Any) -> Any:
+    return json.loads(json.dumps(obj))
+
+
+def test_a_condition_taint_is_skipped_and_the_next_taint_still_counts() -> None:
+    taints = fresh(({"key": "node.kubernetes.io/unreachable", "effect": "NoExecute"}, GPU_TAINT, DEDICATED))
+    assert not eligible(gpu_node("n", "9", "0", taints=tuple(taints)), Placement(), gpus=1)
+
+
+def test_a_node_selector_value_must_equal_the_label() -> None:
+    dev = gpu_node("d", "9", "0", **fresh({"pool": "dev"}))
+    assert not eligible(dev, Placement.model_validate(fresh({"nodeSelector": {"pool": "prod"}})), gpus=1)
+    assert eligible(dev, Placement.model_validate(fresh({"nodeSelector": {"pool": "dev"}})), gpus=1)
+
+
+def test_a_node_without_gpu_capacity_has_no_gpus_and_takes_no_gpu_pod() -> None:
+    cpu = NodeInfo.from_node({"metadata": {"name": "c"}, "status": {"capacity": {"cpu": "4"}}})
+    assert cpu.gpus == 0 and NodeInfo(name="x").gpus == 0
+    assert not eligible(gpu_node("none", "9", "0", gpus=0), Placement(), gpus=1)
+    assert eligible(NodeInfo(name="plain"), Placement(), gpus=0)
+
+
+def test_affinity_read_from_json_matches_as_literals_do() -> None:
+    node = gpu_node("n", "9", "0", **fresh({"pool": "prod", "gpu-memory": "80"}))
+    for expr, matches in [
+        ({"key": "pool", "operator": "In", "values": ["prod"]}, True),
+        ({"key": "pool", "operator": "NotIn", "values": ["prod"]}, False),
+        ({"key": "pool", "operator": "Exists"}, True),
+        ({"key": "pool", "operator": "DoesNotExist"}, False),
+        ({"key": "gpu-memory", "operator": "Gt", "values": ["40"]}, True),
+        ({"key": "gpu-memory", "operator": "Gt", "values": ["100"]}, False),
+        ({"key": "gpu-memory", "operator": "Lt", "values": ["100"]}, True),
+        ({"key": "gpu-memory", "operator": "Lt", "values": ["40"]}, False),
+    ]:
+        assert eligible(node, affinity(fresh(expr)), gpus=1) is matches, expr
+
+
+def test_a_computed_architecture_name_selects_like_a_literal_one() -> None:
+    labels, products = architecture_selector("".join(["sm", "9", "0"]))
+    assert labels == {"nvidia.com/gpu.compute.major": "9", "nvidia.com/gpu.compute.minor": "0"}
+    assert "NVIDIA-H100-80GB-HBM3" in products
 
 
 def test_gpu_pods_tolerate_the_gpu_taint_and_cpu_pods_do_not() -> None:
@@ -125,7 +178,7 @@ def test_gpu_pods_tolerate_the_gpu_taint_and_cpu_pods_do_not() -> None:
     mine = {"key": "dedicated", "operator": "Equal", "value": "llm", "effect": ""}
     gpu = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
     assert tolerations_for(placement, gpus=1) == [mine, gpu]
-    assert tolerations_for(placement, gpus=0) == [mine]
+    assert tolerations_for(placement, gpus=0) == [mine]  # no tolerationSeconds: null is left out
     assert not eligible(gpu_node("g", "9", "0"), Placement(), gpus=0)  # the GPU taint keeps CPU pods off
     assert eligible(gpu_node("g", "9", "0"), Placement(), gpus=1)
 

@@ -8,6 +8,7 @@ import sys
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from modelfleet_runtime.build import InvalidOptions
 from modelfleet_runtime.build.key import engine_key, key_material, normalize_architecture
@@ -349,3 +350,56 @@ def test_onnxruntime_quantization_settings_enter_only_an_onnxruntime_int8_key() 
         assert key(options=base) == key(options=base.model_copy(update={"onnxruntime": static}))
     int8 = BuildOptions(backend="onnxruntime", precision="int8", calibration=CALIBRATED)
     assert key(options=int8) != key(options=int8.model_copy(update={"onnxruntime": static}))
+
+
+# Each bound a manifest can reach, at its edge (accepted) and one step past it (refused).
+EDGES = [
+    (ShapeRange, {"min": (1,), "opt": (1,), "max": (1,)}, {"min": (0,), "opt": (1,), "max": (1,)}),
+    (ShapeRange, {"min": (1, 2), "opt": (2, 2), "max": (3, 2)}, {"min": (1, 2), "opt": (2,), "max": (3, 2)}),
+    (ShapeRange, {"min": (2,), "opt": (2,), "max": (2,)}, {"min": (2,), "opt": (3,), "max": (2,)}),
+    (ShapeRange, {"min": (2,), "opt": (2,), "max": (2,)}, {"min": (3,), "opt": (2,), "max": (2,)}),
+    (ShapeRange, {"min": (1,), "opt": (1,), "max": (1,)}, {"min": (), "opt": (), "max": ()}),
+    (BatchProfile, {"min": 1, "opt": 1, "max": 1}, {"min": 0, "opt": 1, "max": 1}),
+    (AccuracyGate, {"max_abs_error": 0.0, "max_rel_error": 0.0}, {"max_abs_error": -0.1}),
+    (AccuracyGate, {"max_rel_error": 0.0}, {"max_rel_error": -0.1}),
+    (AccuracyGate, {"min_top1_agreement": 0.0}, {"min_top1_agreement": -0.1}),
+    (AccuracyGate, {"min_top1_agreement": 1.0}, {"min_top1_agreement": 1.1}),
+    (AccuracyGate, {"samples": 1}, {"samples": 0}),
+    (AccuracyGate, {"samples": 100_000}, {"samples": 100_001}),
+    (AccuracyGate, {"max_accuracy_drop": 0.0}, {"max_accuracy_drop": -0.1}),
+    (AccuracyGate, {"max_accuracy_drop": 1.0}, {"max_accuracy_drop": 1.1}),
+    (AccuracyGate, {"evaluation_output": "y"}, {"evaluation_output": ""}),
+    (TensorRTOptions, {"builder_optimization_level": 0}, {"builder_optimization_level": -1}),
+    (TensorRTOptions, {"builder_optimization_level": 5}, {"builder_optimization_level": 6}),
+    (TensorRTOptions, {"workspace_mib": 1}, {"workspace_mib": 0}),
+    (Calibration, {"path": "c"}, {"path": ""}),
+]
+
+
+@pytest.mark.parametrize(("model", "edge", "past"), EDGES, ids=[f"{m.__name__}-{sorted(p)}" for m, _, p in EDGES])
+def test_each_bound_accepts_its_edge_and_refuses_one_step_past(model: type, edge: dict, past: dict) -> None:
+    model.model_validate(edge)
+    with pytest.raises(ValidationError, match=next(iter(past))):  # the message names the field
+        model.model_validate(past)
+
+
+def test_options_read_from_a_manifest_give_the_key_literals_give() -> None:
+    # Strings parsed from JSON are new objects, not the interned literals of the source.
+    import json
+
+    text = json.dumps({"backend": "tensorrt", "precision": "fp16", "tensorrt": {"builder_optimization_level": 5}})
+    parsed = BuildOptions.model_validate(json.loads(text))
+    literal = BuildOptions(backend="tensorrt", precision="fp16", tensorrt=TensorRTOptions(builder_optimization_level=5))
+    assert key(options=parsed) == key(options=literal)
+    assert parsed.normalized()["tensorrt"] == {"builder_optimization_level": 5, "workspace_mib": None}
+    with pytest.raises(ValueError, match="auto"):
+        BuildOptions.model_validate(json.loads('{"backend": "auto"}')).normalized()
+
+
+def test_a_digest_needs_data_to_attach_to() -> None:
+    with pytest.raises(ValueError, match="evaluation"):
+        BuildOptions().with_evaluation_digest(DIGEST)
+    with pytest.raises(ValueError, match="calibration"):
+        BuildOptions().with_calibration_digest(DIGEST)
+    attached = BuildOptions(accuracy=AccuracyGate(evaluation=Evaluation(path="e.npz"))).with_evaluation_digest(DIGEST)
+    assert attached.accuracy.evaluation is not None and attached.accuracy.evaluation.sha256 == DIGEST
