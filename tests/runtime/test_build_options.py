@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from modelfleet_runtime.build import InvalidOptions
 from modelfleet_runtime.build.key import engine_key, key_material, normalize_architecture
@@ -353,7 +354,7 @@ def test_onnxruntime_quantization_settings_enter_only_an_onnxruntime_int8_key() 
 
 
 # Each bound a manifest can reach, at its edge (accepted) and one step past it (refused).
-EDGES = [
+EDGES: list[tuple[type[BaseModel], dict[str, Any], dict[str, Any]]] = [
     (ShapeRange, {"min": (1,), "opt": (1,), "max": (1,)}, {"min": (0,), "opt": (1,), "max": (1,)}),
     (ShapeRange, {"min": (1, 2), "opt": (2, 2), "max": (3, 2)}, {"min": (1, 2), "opt": (2,), "max": (3, 2)}),
     (ShapeRange, {"min": (2,), "opt": (2,), "max": (2,)}, {"min": (2,), "opt": (3,), "max": (2,)}),
@@ -377,7 +378,9 @@ EDGES = [
 
 
 @pytest.mark.parametrize(("model", "edge", "past"), EDGES, ids=[f"{m.__name__}-{sorted(p)}" for m, _, p in EDGES])
-def test_each_bound_accepts_its_edge_and_refuses_one_step_past(model: type, edge: dict, past: dict) -> None:
+def test_each_bound_accepts_its_edge_and_refuses_one_step_past(
+    model: type[BaseModel], edge: dict[str, Any], past: dict[str, Any]
+) -> None:
     model.model_validate(edge)
     with pytest.raises(ValidationError, match=next(iter(past))):  # the message names the field
         model.model_validate(past)
