@@ -69,7 +69,7 @@ def simulate(
         else:
             timer = float("inf")
         while len(finishes) < instances and queue:
-            limit, delay = (max_batch_size, delay_s) if tuner is None else _tuned(tuner, now, len(queue))
+            limit, delay = (max_batch_size, delay_s) if tuner is None else _tuned(tuner, now)
             limit = min(limit, max_batch_size)
             if len(queue) < limit and now < queue[0] + delay:
                 timer = queue[0] + delay
@@ -84,6 +84,6 @@ def simulate(
     return Outcome(p99_s=float(np.percentile(latencies, 99)), throughput=len(latencies) / max(now, 1e-9))
 
 
-def _tuned(tuner: Tuner, now: float, queued: int) -> tuple[int, float]:
-    choice = tuner.current(now, queued)
+def _tuned(tuner: Tuner, now: float) -> tuple[int, float]:
+    choice = tuner.current(now)
     return choice.limit, choice.delay_s

@@ -8,13 +8,14 @@ asks for the current choice before dispatching. Two estimates drive it:
 - the arrival rate, items per second, an exponentially decayed count.
 The rules, in order:
 1. **limit**: the largest batch whose compute fits half the p99 target, so a request's own batch leaves the
-   other half for queueing. If at that size the instances would be busy more than `BUSY` of the time with
-   the demand (the arrival rate, plus the backlog drained within half the target), the smallest larger
-   batch that brings them under it, else the max batch, which drains fastest: the SLO is then better
-   served by bigger batches than by a queue that grows, and near capacity even a 1 % slower size lets the
-   queue grow without bound. That holds even where no batching gain is measured (a = 0): a fit of 0 may be
-   a small gain hidden by noise, and while the limit stays put every batch has its size, so the fit never
-   learns otherwise;
+   other half for queueing. If at that size the instances would be busy more than `BUSY` of the time at
+   the arrival rate, the smallest larger batch that brings them under it, else the max batch, which drains
+   fastest: the SLO is then better served by bigger batches than by a queue that grows, and near capacity
+   even a 1 % slower size lets the queue grow without bound. That holds even where no batching gain is
+   measured (a = 0): a fit of 0 may be a small gain hidden by noise, and while the limit stays put every
+   batch has its size, so the fit never learns otherwise. A backlog alone does not raise the limit: the
+   spare capacity `BUSY` leaves drains a burst, while a limit raised for it makes batches that take
+   longer, so more queue behind them and keep the limit up;
 2. **delay**: none while single requests keep up (utilization of batch-1 dispatch under `COMFORTABLE`):
    any wait is then pure latency. Otherwise wait up to the time the arrivals need to fill the limit, but at
    most `WAIT_SHARE` of a single request's compute (and at most `max_delay_s`): requests that arrive
@@ -132,12 +133,11 @@ class Tuner:
     def computed(self, items: int, seconds: float) -> None:
         self.costs.observe(items, seconds)
 
-    def current(self, now: float, queued: int = 0) -> Choice:
-        """The choice in force at `now` with `queued` items waiting (recomputed at most every `RECHOOSE_S`)."""
+    def current(self, now: float) -> Choice:
+        """The choice in force at `now` (recomputed at most every `RECHOOSE_S`)."""
         if self.costs.known and now - self._chosen_at >= RECHOOSE_S:
             self._chosen_at = now
-            demand = self.arrivals.rate(now) + queued / (BATCH_SHARE * self.target_s)
-            choice = choose(self.costs, demand, self)
+            choice = choose(self.costs, self.arrivals.rate(now), self)
             if changed(self._choice, choice):
                 self._choice = choice
         return self._choice

@@ -7,7 +7,9 @@ concurrency, driven by events rather than a polling coroutine:
   DeadlineExceeded and is removed, so expired work is never computed;
 - `_pump` dispatches whatever `plan_batch` allows. It runs when a request arrives that could complete a
   batch (the first one, a preferred or full batch, or one of another shape that blocks the head batch),
-  when the oldest request's queue delay runs out (a loop timer), and when a batch finishes;
+  when the oldest request's queue delay runs out (a loop timer), and when a batch finishes. An arrival's
+  pump runs at the end of the loop iteration, so requests read together share a batch even with no queue
+  delay (a tiny model computed at each arrival cost 134 us of CPU per inference, against 82 when batched);
 - up to `instances` batches compute concurrently in a thread pool, so the event loop keeps accepting;
   a finished batch's callback dispatches the next one directly, without a further loop round trip.
   A model whose largest batch computes faster than a thread handoff (`inline`, decided after warm-up
@@ -146,6 +148,7 @@ class Batcher:
         self._flush = False
         self._closed = False
         self._pumping = False
+        self._pump_soon = False  # a pump is scheduled for the end of this loop iteration
         self._item_s: float | None = None  # recent compute seconds per item (an exponential average)
         self._executor = ThreadPoolExecutor(max_workers=config.instances, thread_name_prefix="modelfleet-infer")
 
@@ -197,8 +200,19 @@ class Batcher:
             or self._queued_items in self._config.preferred_batch_sizes
             or key != self._queue[0].key
         ):
-            self._pump()
+            self._schedule_pump()
         return future
+
+    def _schedule_pump(self) -> None:
+        """Pump once the loop has run what is ready now: requests read in the same loop iteration (their
+        handlers run one after another) then share a batch instead of each computing alone."""
+        if not self._pump_soon:
+            self._pump_soon = True
+            self._loop.call_soon(self._soon)
+
+    def _soon(self) -> None:
+        self._pump_soon = False
+        self._pump()
 
     def flush(self) -> None:
         """Dispatch everything queued without waiting for the queue delay (used when draining)."""
@@ -239,7 +253,7 @@ class Batcher:
         """The batch limit and queue delay in force: the tuner's current choice, else the config's."""
         if self._tuner is None:
             return self._max, self._config.max_queue_delay_s
-        choice = self._tuner.current(now, self._queued_items)
+        choice = self._tuner.current(now)
         if choice is not self._choice:
             if self._choice is None or choice.limit != self._choice.limit:
                 log.info(

@@ -109,17 +109,6 @@ def test_the_limit_grows_only_as_far_as_the_load_needs() -> None:
     assert choose(model, 390.0, tuner(top=32)).limit == 30
 
 
-def test_a_backlog_counts_as_demand() -> None:
-    t = tuner(top=32)
-    for b in (1, 2, 4, 8, 16) * 5:
-        t.computed(b, 3 * MS + 4 * MS * b)
-    assert t.current(0.0, queued=0).limit == 11
-    t2 = tuner(top=32)
-    for b in (1, 2, 4, 8, 16) * 5:
-        t2.computed(b, 3 * MS + 4 * MS * b)
-    assert t2.current(0.0, queued=30).limit == 32  # 30 queued to drain in 50 ms: 600/s, as in overload
-
-
 def test_a_batch_too_slow_for_the_target_is_limited_to_one_request() -> None:
     assert choose(costs(80 * MS, 10 * MS), 1.0, tuner(target_ms=100)).limit == 1
 

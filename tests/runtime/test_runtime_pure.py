@@ -739,12 +739,14 @@ def test_onnx_runtime_messages_lose_paths_and_signatures(raw: str, clean: str) -
 # --- a bad request in a batch fails alone ------------------------------------------------------------------
 
 
-def run_batcher(infer: InferFn, rows: list[float], *, inline: bool) -> list[dict[str, np.ndarray] | BaseException]:
+def run_batcher(
+    infer: InferFn, rows: list[float], *, inline: bool, delay_s: float = 3600.0, max_batch: int | None = None
+) -> list[dict[str, np.ndarray] | BaseException]:
     async def scenario() -> list[dict[str, np.ndarray] | BaseException]:
         config = BatcherConfig(
-            max_batch_size=len(rows),
+            max_batch_size=max_batch or len(rows),
             preferred_batch_sizes=frozenset(),
-            max_queue_delay_s=3600.0,
+            max_queue_delay_s=delay_s,
             max_queue_size=0,
             instances=1,
             batched=True,
@@ -798,6 +800,16 @@ def test_a_value_error_retries_the_batch_one_request_at_a_time(inline: bool) -> 
 def test_a_valid_batch_is_computed_once() -> None:
     calls: list[int] = []
     results = run_batcher(no_negatives(calls), [1.0, 2.0, 3.0], inline=True)
+    assert [r["y"].tolist() for r in results if isinstance(r, dict)] == [[[2.0]], [[4.0]], [[6.0]]]
+    assert calls == [3]
+
+
+@pytest.mark.parametrize("inline", [True, False], ids=["inline", "executor"])
+def test_without_a_queue_delay_requests_that_arrive_together_share_a_batch(inline: bool) -> None:
+    # Handlers that run in the same loop iteration (requests read together) submit one after another; a
+    # batch computed at the first submit would leave each overhead-bound request to compute alone.
+    calls: list[int] = []
+    results = run_batcher(no_negatives(calls), [1.0, 2.0, 3.0], inline=inline, delay_s=0.0, max_batch=8)
     assert [r["y"].tolist() for r in results if isinstance(r, dict)] == [[[2.0]], [[4.0]], [[6.0]]]
     assert calls == [3]
 
@@ -870,7 +882,8 @@ def test_the_queue_is_bounded_by_the_time_its_work_takes_but_always_holds_two_fu
         assert batcher.queued_seconds() == 0.0  # no batch has run: no estimate yet
         await asyncio.wait_for(asyncio.gather(one(), one()), timeout=60)
         held.set()
-        running = [one(), one()]  # a full batch: dispatched, held by the gate
+        running = [one(), one()]  # a full batch: dispatched at the end of this loop iteration, held by the gate
+        await asyncio.sleep(0)
         queued = [one() for _ in range(3)]
         assert batcher.queue_depth == 3
         assert batcher.queued_seconds() >= 0.03  # 3 items at >= 10 ms: over the 40 ms bound...
