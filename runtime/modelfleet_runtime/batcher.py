@@ -83,6 +83,7 @@ class _Computed:
 
     results: list[Outputs | Exception]
     runs: list[tuple[int, float]] = field(default_factory=list)  # (items, seconds) of each successful run
+    cpu_s: float = 0.0  # the computing thread's CPU seconds over those runs (placement tells preemption apart)
     retried: InvalidInput | None = None  # the value error that made the batch go one request at a time
 
 
@@ -332,30 +333,31 @@ class Batcher:
             batch.append(item)
         return batch
 
-    def _timed_infer(self, inputs: Mapping[str, np.ndarray]) -> tuple[Outputs, float]:
-        # Timed where it runs, so the metric is the model's time, not the event loop's latency.
-        began = time.perf_counter()
+    def _timed_infer(self, inputs: Mapping[str, np.ndarray]) -> tuple[Outputs, float, float]:
+        """Outputs, wall seconds and this thread's CPU seconds. Timed where it runs, so the metric is the
+        model's time, not the event loop's latency."""
+        began, cpu = time.perf_counter(), time.thread_time()
         outputs = self._infer(inputs)
-        return outputs, time.perf_counter() - began
+        return outputs, time.perf_counter() - began, time.thread_time() - cpu
 
     def _compute(self, requests: list[Mapping[str, np.ndarray]], sizes: list[int]) -> _Computed:
         """Run one batch where it computes (a worker thread, or inline); a value error goes one by one."""
         merged = merge(requests, self._names) if self._config.batched else dict(requests[0])
         try:
-            outputs, seconds = self._timed_infer(merged)
+            outputs, seconds, cpu_s = self._timed_infer(merged)
         except InvalidInput as exc:
             if len(requests) == 1:
                 return _Computed([exc])
             computed = self._one_by_one(requests, sizes)
             computed.retried = exc
             return computed
-        return _Computed(self._split(outputs, sizes), [(sum(sizes), seconds)])
+        return _Computed(self._split(outputs, sizes), [(sum(sizes), seconds)], cpu_s=cpu_s)
 
     def _one_by_one(self, requests: list[Mapping[str, np.ndarray]], sizes: list[int]) -> _Computed:
         computed = _Computed([])
         for inputs, size in zip(requests, sizes, strict=True):
             try:
-                outputs, seconds = self._timed_infer(inputs)
+                outputs, seconds, cpu_s = self._timed_infer(inputs)
             except InvalidInput as exc:
                 computed.results.append(exc)
                 continue
@@ -365,6 +367,7 @@ class Batcher:
                 continue
             computed.results.extend(self._split(outputs, [size]))
             computed.runs.append((size, seconds))
+            computed.cpu_s += cpu_s
         return computed
 
     def _split(self, outputs: Outputs, sizes: list[int]) -> list[Outputs | Exception]:
@@ -410,7 +413,7 @@ class Batcher:
         """Feed the batch's measured compute time to the placement; log a change of placement once."""
         if self._placement is None or not isinstance(result, _Computed) or not result.runs:
             return
-        change = self._placement.observe(elements, sum(seconds for _, seconds in result.runs))
+        change = self._placement.observe(elements, sum(seconds for _, seconds in result.runs), result.cpu_s)
         if change is not None:
             where = "inline on the event loop" if change.inline else "in executor threads"
             log.info("batches now run %s: %s", where, change.reason)

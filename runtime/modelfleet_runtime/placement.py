@@ -3,7 +3,11 @@
 Pure (no clock, no loop): the batcher feeds it each batch's measured compute time and asks it before each
 dispatch. Inline is for models whose batches cost less than a thread handoff; a model that costs
 milliseconds must never run on the loop, so the rules are asymmetric (hysteresis):
-- a batch measured at or over the threshold moves computing to the executor at once;
+- a batch measured at or over the threshold moves computing to the executor at once when the computing
+  thread's CPU time says so too; over it in wall time only (the thread was preempted on a busy machine, or
+  waited on a device), a second such batch in a row is needed: a tiny model's batch preempted once must not
+  send the next thousand batches through thread handoffs (on two busy cores that flapped several times a
+  second and cost the tiny model half its throughput);
 - back to inline only after `promote_after` real batches in a row all cost under it;
 - even inline, a batch with more input elements than any batch measured under the threshold runs in the
   executor (and is measured there): a request at a shape never seen cannot block the loop on a guess.
@@ -45,20 +49,27 @@ class Placement:
         self._largest = trusted_elements if self.allowed else 0
         self.inline = self._largest > 0
         self._streak = 0
+        self._wall_only = False  # the last batch was over the threshold in wall time only
 
     def runs_inline(self, elements: int) -> bool:
         """Whether a batch of `elements` input elements should compute on the loop."""
         return self.inline and elements <= self._largest
 
-    def observe(self, elements: int, seconds: float) -> Change | None:
-        """Account one real batch's compute time; the change of placement it causes, if any."""
+    def observe(self, elements: int, seconds: float, cpu_seconds: float | None = None) -> Change | None:
+        """Account one real batch's compute time (wall, and the computing thread's CPU time if known); the
+        change of placement it causes, if any."""
         if seconds >= self.threshold_s:
             self._streak = 0
+            if cpu_seconds is not None and cpu_seconds < self.threshold_s and not self._wall_only:
+                self._wall_only = True
+                return None
+            self._wall_only = False
             self._largest = 0
             if self.inline:
                 self.inline = False
                 return Change(False, f"a batch of {elements} input elements computed in {seconds * 1e6:.0f} us")
             return None
+        self._wall_only = False
         self._largest = max(self._largest, elements)
         if self.inline or not self.allowed:
             return None

@@ -51,6 +51,28 @@ def test_one_expensive_batch_sends_batches_back_to_the_executor_at_once() -> Non
     assert placement.inline
 
 
+def test_a_batch_slow_in_wall_time_only_moves_batches_off_the_loop_at_the_second_in_a_row() -> None:
+    placement = Placement(threshold_s=1 * MS, promote_after=1)
+    placement.observe(10, 10 * US)
+    assert placement.inline
+    # Over the threshold by the clock, not by the thread's CPU time: preempted, or waiting on a device.
+    assert placement.observe(10, 5 * MS, cpu_seconds=10 * US) is None
+    assert placement.inline, "one preempted batch is not evidence"
+    placement.observe(10, 10 * US, cpu_seconds=10 * US)
+    assert placement.observe(10, 5 * MS, cpu_seconds=10 * US) is None
+    assert placement.inline, "a cheap batch in between starts the count again"
+    change = placement.observe(10, 5 * MS, cpu_seconds=10 * US)
+    assert change is not None and not change.inline, "a second in a row: the model waits that long"
+    assert not placement.inline
+
+
+def test_a_batch_slow_in_cpu_time_too_moves_batches_off_the_loop_at_once() -> None:
+    placement = Placement(threshold_s=1 * MS, promote_after=1)
+    placement.observe(10, 10 * US)
+    change = placement.observe(10, 5 * MS, cpu_seconds=4 * MS)
+    assert change is not None and not change.inline and not placement.inline
+
+
 def test_inline_never_takes_a_batch_larger_than_any_measured_under_the_threshold() -> None:
     placement = Placement(threshold_s=1 * MS, promote_after=1)
     placement.observe(100, 10 * US)
@@ -125,13 +147,15 @@ class Placements(BatchObserver):
 
 
 def test_the_batcher_moves_a_slow_batch_off_the_loop_and_cheap_ones_onto_it() -> None:
-    """Slow batches sleep 50 ms against a 10 ms threshold; cheap ones do nothing (far on either side)."""
+    """Slow batches burn 50 ms of CPU against a 10 ms threshold; cheap ones do nothing (far on either side)."""
     on_loop: list[bool] = []
 
     def infer(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         on_loop.append(threading.current_thread() is threading.main_thread())
         if inputs["x"].size > 1:
-            time.sleep(0.05)
+            began = time.thread_time()
+            while time.thread_time() - began < 0.05:
+                pass
         return {"y": inputs["x"]}
 
     async def scenario(observer: Placements) -> None:
