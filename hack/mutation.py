@@ -25,10 +25,11 @@ EQUIVALENTS = ROOT / "hack" / "mutation-equivalents.txt"
 GOAL = 85.0
 
 ALGORITHM_TESTS = ("tests/operator/test_autoscaler_algorithm.py", "tests/operator/test_autoscaler_pins.py")
-# Each pure module and its own unit tests (the only tests run against its mutants).
+# Each pure module and the pytest arguments selecting its own unit tests (the only tests run against its
+# mutants): paths, and `-k` where a module's tests share a file with others.
 PURE_MODULES: dict[str, tuple[str, ...]] = {
     "runtime/modelfleet_runtime/batching.py": ("tests/runtime/test_batching.py",),
-    "operator/modelfleet_operator/autoscaler/split.py": ("tests/operator/test_autoscaler_algorithm.py",),
+    "operator/modelfleet_operator/autoscaler/split.py": ("tests/operator/test_autoscaler_algorithm.py", "-k", "split"),
     "operator/modelfleet_operator/autoscaler/metrics.py": (
         "tests/operator/test_autoscaler_metrics_pins.py",
         "tests/operator/test_autoscaler_metrics.py",
