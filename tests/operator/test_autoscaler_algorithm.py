@@ -567,6 +567,74 @@ def test_split_respects_caps_and_moves_the_excess() -> None:
     assert split == {"sm90": 3, "sm80": 7}
 
 
+def test_split_rounds_by_largest_remainder_not_by_weight() -> None:
+    # 1 each, then 4 by weight 5:3:2 = 2.0 / 1.2 / 0.8: the spare replica goes to the largest remainder (sm75)
+    split = split_across_architectures(
+        7,
+        [
+            ArchitectureShare("sm90", nodes=1, throughput_per_replica=5.0),
+            ArchitectureShare("sm80", nodes=1, throughput_per_replica=3.0),
+            ArchitectureShare("sm75", nodes=1, throughput_per_replica=2.0),
+        ],
+    )
+    assert split == {"sm90": 3, "sm80": 2, "sm75": 2}
+
+
+def test_split_equal_remainders_go_to_the_heavier_then_the_newest() -> None:
+    # 1 each, then 2 by weight 3:1 = 1.5 / 0.5: equal remainders, so the heavier (older) sm80 gets the spare
+    heavier_older = [
+        ArchitectureShare("sm80", nodes=1, throughput_per_replica=3.0),
+        ArchitectureShare("sm90", nodes=1, throughput_per_replica=1.0),
+    ]
+    assert split_across_architectures(4, heavier_older) == {"sm80": 3, "sm90": 1}
+    # fewer replicas than architectures: the fastest first, even when it is the oldest
+    assert split_across_architectures(1, heavier_older) == {"sm80": 1, "sm90": 0}
+
+
+def test_split_unknown_throughput_is_the_exact_mean_of_the_measured() -> None:
+    # weights 2 / 1 / mean 1.5 over 9 spare replicas: 4 / 2 / 3 exactly (a mean rounded down to 1 gives 6/3/3)
+    split = split_across_architectures(
+        12,
+        [
+            ArchitectureShare("sm90", nodes=1, throughput_per_replica=2.0),
+            ArchitectureShare("sm80", nodes=1, throughput_per_replica=1.0),
+            ArchitectureShare("sm89", nodes=1),
+        ],
+    )
+    assert split == {"sm90": 5, "sm80": 3, "sm89": 4}
+
+
+def test_split_a_cap_reached_by_the_first_replica_sends_its_share_to_the_others() -> None:
+    split = split_across_architectures(
+        6,
+        [
+            ArchitectureShare("sm90", nodes=1, throughput_per_replica=10.0, max_replicas=1),
+            ArchitectureShare("sm80", nodes=1, throughput_per_replica=1.0),
+            ArchitectureShare("sm75", nodes=1, throughput_per_replica=1.0),
+        ],
+    )
+    assert split == {"sm90": 1, "sm80": 3, "sm75": 2}
+
+
+def test_split_excess_over_a_cap_moves_on_in_a_later_round() -> None:
+    # round 1 places one replica on sm90 (its cap), round 2 gives the rest to sm80
+    split = split_across_architectures(
+        4,
+        [
+            ArchitectureShare("sm90", nodes=1, throughput_per_replica=10.0, max_replicas=2),
+            ArchitectureShare("sm80", nodes=1, throughput_per_replica=1.0),
+        ],
+    )
+    assert split == {"sm90": 2, "sm80": 2}
+
+
+def test_split_a_cap_of_zero_gets_no_replica_and_a_negative_total_is_refused() -> None:
+    arches = [ArchitectureShare("sm90", nodes=2, max_replicas=0), ArchitectureShare("sm80", nodes=1)]
+    assert split_across_architectures(3, arches) == {"sm90": 0, "sm80": 3}
+    with pytest.raises(ValueError, match="total replicas must be >= 0"):
+        split_across_architectures(-1, arches)
+
+
 @given(
     total=st.integers(0, 200),
     arches=st.lists(
