@@ -171,7 +171,7 @@ def _engine(im: InferenceModel, arch: str, build_id: str, exact: bool, observed:
                 "message": "cache hit" if result.get("cacheHit") else (result.get("message") or "built"),
             }
         ), True
-    if state == "Complete":
+    if state == "Complete" and result.get("phase") != "Failed":
         why = "the build Job succeeded but left no result in its termination message"
         return base.model_copy(update={"phase": "Failed", "reason": "NoBuildResult", "message": why}), True
     failure_reason = result.get("reason") or reason or "BuildFailed"

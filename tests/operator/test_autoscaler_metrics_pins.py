@@ -153,3 +153,86 @@ def test_the_observation_merges_ready_pods_and_marks_the_rest_missing() -> None:
     assert (obs.latency_count, obs.latency_available, obs.current_replicas) == (100, True, 3)
     none, _ = build_observation(now=10.0, current_replicas=1, pods=pods[1:2], previous={}, current={"b": None})
     assert (none.p99_seconds, none.latency_count, none.latency_available) == (None, 0.0, False)
+
+
+def test_a_dip_anywhere_along_the_buckets_is_raised_to_the_bucket_before_it() -> None:
+    # (5, 3, 8, 10) reads as (5, 5, 8, 10): rank 6 is the 1st of 3 observations in (0.2, 0.3]
+    assert histogram_quantile(0.6, Histogram((0.1, 0.2, 0.3, math.inf), (5, 3, 8, 10))) == pytest.approx(0.2 + 0.1 / 3)
+    # (1, 5, 3, 8, 10) reads as (1, 5, 5, 8, 10): the dip is raised to its neighbour, not to the first bucket,
+    # and the interpolation starts at the bound below the bucket the rank falls in
+    five = Histogram((0.1, 0.2, 0.3, 0.4, math.inf), (1, 5, 3, 8, 10))
+    assert histogram_quantile(0.6, five) == pytest.approx(0.3 + 0.1 / 3)
+
+
+def test_a_new_bucket_layout_is_not_a_restart_and_the_counter_still_gives_the_rate() -> None:
+    before = Snapshot(time=0, requests={"success": 100}, request_duration=Histogram(BOUNDS, (50, 90, 100), 9.0))
+    after = Snapshot(
+        time=10, requests={"success": 130}, request_duration=Histogram((0.2, 0.5, math.inf), (1, 2, 3), 0.3)
+    )
+    window = build_pod_window("p", before, after)
+    assert not window.reset
+    assert window.qps == pytest.approx(3.0)  # (130 - 100) / 10, not 130 / 10
+    assert window.duration == after.request_duration  # another layout: its observations are all new
+
+
+def test_a_pod_without_two_scrapes_is_missing_not_restarted() -> None:
+    assert not build_pod_window("p", None, snap(10, 150)).reset
+    assert not build_pod_window("p", snap(10, 150), snap(10, 160)).reset
+
+
+def test_samples_count_by_name_with_or_without_type_lines() -> None:
+    untyped = "\n".join(line for line in EXPOSITION.splitlines() if not line.startswith("#")) + "\n"
+    assert parse_snapshot(untyped, model="m", time=0.0) == parse_snapshot(EXPOSITION, model="m", time=0.0)
+    counts_only = 'modelfleet_request_duration_seconds_count{model="m"} 10\n'
+    assert parse_snapshot(counts_only, model="m", time=0.0).request_duration is None
+
+
+def test_series_of_other_models_are_left_out_whichever_way_their_names_sort() -> None:
+    others = EXPOSITION.replace('model="other"', 'model="a"') + 'modelfleet_queue_depth{model="a"} 7\n'
+    assert parse_snapshot(others, model="m", time=0.0) == parse_snapshot(EXPOSITION, model="m", time=0.0)
+
+
+def test_other_series_of_the_model_and_other_models_first_in_a_family_leave_the_figures_alone() -> None:
+    noisy = (
+        "# TYPE modelfleet_requests_total counter\n"
+        'modelfleet_requests_total{model="a",outcome="success"} 99\n'
+        'modelfleet_requests_total{model="m",outcome="success"} 10\n'
+        "# TYPE modelfleet_response_cache_hits_total counter\n"
+        'modelfleet_response_cache_hits_total{model="m"} 5\n'
+        "# TYPE modelfleet_response_cache_bytes gauge\n"
+        'modelfleet_response_cache_bytes{model="m"} 4096\n'
+        "# TYPE modelfleet_request_duration_seconds histogram\n"
+        'modelfleet_request_duration_seconds_bucket{model="m",le="+Inf"} 10\n'
+        'modelfleet_request_duration_seconds_sum{model="m"} 1.5\n'
+    )
+    s = parse_snapshot(noisy, model="m", time=0.0)
+    assert s.requests == {"success": 10.0}
+    assert s.request_duration == Histogram((math.inf,), (10.0,), 1.5)
+
+
+def test_a_repeated_bound_after_the_first_is_coalesced_too() -> None:
+    h = Histogram((0.1, 0.5, 0.5, math.inf), (2, 3, 4, 10))  # reads as (0.1: 2, 0.5: 7, +Inf: 10)
+    assert histogram_quantile(0.5, h) == pytest.approx(0.1 + 0.4 * 3 / 5)
+
+
+def test_one_finite_bucket_and_inf_is_enough_for_a_quantile() -> None:
+    assert histogram_quantile(0.3, Histogram((0.1, math.inf), (4, 10))) == pytest.approx(0.075)
+
+
+def test_scrapes_less_than_a_second_apart_give_a_rate() -> None:
+    assert build_pod_window("p", snap(10.0, 100), snap(10.5, 150)).qps == pytest.approx(100.0)
+
+
+def test_more_counts_than_bounds_is_refused_too() -> None:
+    with pytest.raises(ValueError, match="differ in length"):
+        histogram_quantile(0.5, Histogram((0.1, math.inf), (1, 2, 3)))
+
+
+def test_a_quantile_past_a_non_positive_first_bucket_is_interpolated() -> None:
+    # rank 2 of 4 falls in (-1, 1], which holds 3: interpolated from -1, not the first bound returned
+    assert histogram_quantile(0.5, Histogram((-1.0, 1.0, math.inf), (1, 4, 4))) == pytest.approx(-1 + 2 / 3)
+
+
+def test_a_created_time_that_went_back_is_a_restart_too() -> None:
+    window = build_pod_window("p", snap(0, 100, created=5.0), snap(10, 150, created=1.0))
+    assert window.reset and window.qps == pytest.approx(15.0)

@@ -71,28 +71,28 @@ def parse_snapshot(text: str, *, model: str, time: float) -> Snapshot:
         families = list(text_string_to_metric_families(text))
     except Exception as exc:  # the parser raises bare ValueError/IndexError on garbage
         raise MetricsParseError(f"cannot parse metrics exposition: {exc}") from exc
-    for family in families:
+    for family in families:  # samples match by name, whichever family (or none: no TYPE line) holds them
         for sample in family.samples:
             if sample.labels.get("model") != model:
                 continue
             name, value = sample.name, float(sample.value)
-            if family.name == REQUESTS and name == f"{REQUESTS}_total":
+            if name == f"{REQUESTS}_total":
                 outcome = sample.labels.get("outcome", "")
                 requests[outcome] = requests.get(outcome, 0.0) + value
             elif name == f"{REQUESTS}_created":
                 # Its own gauge family in the 0.0.4 text format; a changed value means the pod restarted.
                 created = value if created is None else min(created, value)
-            elif family.name == REQUEST_DURATION and name == f"{REQUEST_DURATION}_bucket":
+            elif name == f"{REQUEST_DURATION}_bucket":
                 le = sample.labels.get("le")
                 if le is None:
                     raise MetricsParseError(f"{REQUEST_DURATION}_bucket sample without an 'le' label")
                 bound = float(le)
                 buckets[bound] = buckets.get(bound, 0.0) + value
-            elif family.name == REQUEST_DURATION and name == f"{REQUEST_DURATION}_sum":
+            elif name == f"{REQUEST_DURATION}_sum":
                 duration_sum += value
-            elif family.name == QUEUE_DEPTH and name == QUEUE_DEPTH:
+            elif name == QUEUE_DEPTH:
                 queue_depth = value
-            elif family.name == INFLIGHT and name == INFLIGHT:
+            elif name == INFLIGHT:
                 inflight = value
     histogram = None
     if buckets:
@@ -139,7 +139,7 @@ def histogram_quantile(q: float, histogram: Histogram) -> float | None:
     if observations == 0:
         return None
     rank = q * observations
-    b = next((i for i in range(len(bounds) - 1) if counts[i] >= rank), len(bounds) - 1)
+    b = next(i for i, c in enumerate(counts) if c >= rank)  # the +Inf bucket holds them all: q <= 1
     if b == len(bounds) - 1:
         return bounds[-2]
     if b == 0 and bounds[0] <= 0:
