@@ -173,6 +173,8 @@ def test_a_new_bucket_layout_is_not_a_restart_and_the_counter_still_gives_the_ra
     assert not window.reset
     assert window.qps == pytest.approx(3.0)  # (130 - 100) / 10, not 130 / 10
     assert window.duration == after.request_duration  # another layout: its observations are all new
+    finer = Snapshot(time=10, requests={"success": 130}, request_duration=Histogram((0.05, 0.5, math.inf), (1, 2, 3)))
+    assert build_pod_window("p", before, finer).qps == pytest.approx(3.0)  # the layout sorting either way
 
 
 def test_a_pod_without_two_scrapes_is_missing_not_restarted() -> None:
@@ -201,6 +203,8 @@ def test_other_series_of_the_model_and_other_models_first_in_a_family_leave_the_
         'modelfleet_response_cache_hits_total{model="m"} 5\n'
         "# TYPE modelfleet_response_cache_bytes gauge\n"
         'modelfleet_response_cache_bytes{model="m"} 4096\n'
+        "# TYPE modelfleet_batches_total counter\n"
+        'modelfleet_batches_total{model="m"} 3\n'
         "# TYPE modelfleet_request_duration_seconds histogram\n"
         'modelfleet_request_duration_seconds_bucket{model="m",le="+Inf"} 10\n'
         'modelfleet_request_duration_seconds_sum{model="m"} 1.5\n'
@@ -208,6 +212,7 @@ def test_other_series_of_the_model_and_other_models_first_in_a_family_leave_the_
     s = parse_snapshot(noisy, model="m", time=0.0)
     assert s.requests == {"success": 10.0}
     assert s.request_duration == Histogram((math.inf,), (10.0,), 1.5)
+    assert (s.created, s.queue_depth, s.inflight) == (None, None, None)
 
 
 def test_a_repeated_bound_after_the_first_is_coalesced_too() -> None:
@@ -236,3 +241,12 @@ def test_a_quantile_past_a_non_positive_first_bucket_is_interpolated() -> None:
 def test_a_created_time_that_went_back_is_a_restart_too() -> None:
     window = build_pod_window("p", snap(0, 100, created=5.0), snap(10, 150, created=1.0))
     assert window.reset and window.qps == pytest.approx(15.0)
+
+
+def test_a_malformed_histogram_is_refused_when_merged() -> None:
+    with pytest.raises(ValueError, match="shorter"):
+        merge_histograms([Histogram(BOUNDS, (1, 2))])
+
+
+def test_rates_keep_their_fractions() -> None:
+    assert build_pod_window("p", snap(0, 100), snap(10, 115)).qps == pytest.approx(1.5)

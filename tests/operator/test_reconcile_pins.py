@@ -405,3 +405,100 @@ def test_capacity_messages_count_gpus_per_replica_when_a_replica_needs_more_than
     observed = Observed(nodes=FLEET, jobs=jobs, build_results=results, gpu_pods=busy, claims=capacity.CLAIMS)
     message = cond(plan(im, observed, settings=SETTINGS, now=NOW), "Reconciling")["message"]
     assert message.startswith("4 of 5 replicas placed: no free 2 nvidia.com/gpu per replica for more on ")
+
+
+def test_deployments_are_matched_by_name_in_whatever_order_they_are_listed() -> None:
+    im, jobs, deployments = serve(model(replicas=4))
+    ordered = plan(im, Observed(nodes=FLEET, jobs=jobs, deployments=deployments), settings=SETTINGS, now=NOW)
+    backwards = Observed(nodes=FLEET, jobs=jobs, deployments=deployments[::-1])
+    assert plan(im, backwards, settings=SETTINGS, now=NOW).status == ordered.status
+    assert cond(ordered, "Ready")["status"] == "True"
+
+
+def test_a_restarted_operator_without_a_recorded_decision_keeps_what_runs() -> None:
+    from modelfleet_operator.reconcile import desired_total
+
+    im = model(autoscaling={"minReplicas": 2, "maxReplicas": 10, "targetQPSPerReplica": 100})
+    running = [{"metadata": {"name": f"d{i}"}, "spec": {"replicas": n}} for i, n in enumerate((3, 2))]
+    assert desired_total(im, Observed(nodes=FLEET, deployments=running)) == 5
+    assert desired_total(im, Observed(nodes=FLEET)) == 2  # nothing runs: minReplicas
+
+
+def test_a_job_condition_of_unknown_status_is_no_outcome() -> None:
+    first = plan(model(), Observed(nodes=FLEET), settings=SETTINGS, now=NOW)
+    jobs = copy.deepcopy(kinds(first, "Job"))
+    for job in jobs:
+        job["status"] = {"active": 1, "conditions": [{"type": "Failed", "status": "Unknown"}]}
+    p = plan(with_status(model(), first.status), Observed(nodes=FLEET, jobs=jobs), settings=SETTINGS, now=NOW)
+    assert {e["phase"] for e in p.status["engines"]} == {"Building"}
+
+
+def test_the_pass_that_records_a_builds_outcome_applies_its_job_once_more() -> None:
+    p, _ = built(model(), {"phase": "Ready", "key": "k"})
+    assert len(kinds(p, "Job")) == 4
+    failed, _ = built(model(), {"phase": "Failed", "key": "k", "reason": "InvalidModel", "message": "bad"})
+    assert len(kinds(failed, "Job")) == 4
+
+
+def test_when_every_gpu_is_taken_every_architecture_is_named_full() -> None:
+    from tests.operator import test_capacity as capacity
+
+    full = [pod for node in FLEET if node.gpus for pod in capacity.filling(node.name, node.gpus)]
+    im, jobs, results = capacity.built(model(replicas=2), gpu_pods=full)
+    observed = Observed(nodes=FLEET, jobs=jobs, build_results=results, gpu_pods=full, claims=capacity.CLAIMS)
+    message = cond(plan(im, observed, settings=SETTINGS, now=NOW), "Reconciling")["message"]
+    assert message == "0 of 2 replicas placed: no free nvidia.com/gpu for more on sm75, sm80, sm89, sm90"
+
+
+def test_a_build_pod_evicted_back_to_waiting_announces_nothing() -> None:
+    first = plan(model(), Observed(nodes=FLEET), settings=SETTINGS, now=NOW)
+    jobs = copy.deepcopy(kinds(first, "Job"))
+    for job in jobs:
+        job["status"] = {"active": 1}
+    building = plan(with_status(model(), first.status), Observed(nodes=FLEET, jobs=jobs), settings=SETTINGS, now=NOW)
+    for job in jobs:
+        job["status"] = {"active": 0}
+    p = plan(with_status(model(), building.status), Observed(nodes=FLEET, jobs=jobs), settings=SETTINGS, now=NOW)
+    assert {e["phase"] for e in p.status["engines"]} == {"Pending"}
+    assert p.events == []
+
+
+def test_a_model_never_ready_is_not_ready_while_its_first_pods_start_even_where_one_is_up() -> None:
+    p, jobs = built(model(replicas=4), {"phase": "Ready", "key": "k"})
+    deployments = copy.deepcopy(kinds(p, "Deployment"))
+    deployments[0] = ready_deployment(deployments[0])  # sm75 up; the others just created, no pod yet
+    for dep in deployments[1:]:
+        dep["metadata"]["generation"] = 1
+    im = with_status(model(replicas=4), p.status)
+    later = plan(im, Observed(nodes=FLEET, jobs=jobs, deployments=deployments), settings=SETTINGS, now=NOW)
+    assert (cond(later, "Ready")["status"], cond(later, "Ready")["reason"]) == ("False", "RollingOut")
+
+
+def test_rollouts_are_announced_on_every_architecture_that_rolls_after_one_kept() -> None:
+    im, jobs, deployments = serve(model(replicas=4))
+    changed = with_status(model(engine={"precision": "fp32"}), im.model_dump(mode="json", by_alias=True)["status"])
+    p1 = plan(changed, Observed(nodes=FLEET, jobs=jobs, deployments=deployments), settings=SETTINGS, now=NOW)
+    new_jobs = [
+        finished_job(j, ok=j["metadata"]["labels"]["modelfleet.io/architecture"] != "sm75") for j in kinds(p1, "Job")
+    ]
+    results = {
+        j["metadata"]["name"]: {"phase": "Ready", "key": "new-" + j["metadata"]["labels"]["modelfleet.io/architecture"]}
+        for j in new_jobs
+        if j["metadata"]["labels"]["modelfleet.io/architecture"] != "sm75"
+    }
+    observed = Observed(nodes=FLEET, jobs=jobs + new_jobs, deployments=deployments, build_results=results)
+    p2 = plan(with_status(changed, p1.status), observed, settings=SETTINGS, now=NOW)
+    rolling = sorted(e.message.split(":")[0] for e in p2.events if e.reason == "RollingOut")
+    assert rolling == ["sm80", "sm89", "sm90"]  # sm75's build failed: it keeps serving, unannounced
+
+
+def test_a_rollout_to_a_key_that_sorts_before_the_old_one_is_announced_too() -> None:
+    rolled, _, _ = precision_roll("2" * 64, "1" * 64)
+    rolling = [e.message for e in rolled.events if e.reason == "RollingOut"]
+    assert rolling and all(m.endswith(f": rolling from engine {'2' * 16} to {'1' * 16}") for m in rolling)
+
+
+def test_engines_becoming_ready_before_the_model_is_no_ready_event() -> None:
+    p, _ = built(model(), {"phase": "Ready", "key": "k"})
+    assert cond(p, "EnginesReady")["status"] == "True" and cond(p, "Ready")["status"] == "False"
+    assert "Ready" not in [e.reason for e in p.events]
