@@ -38,7 +38,7 @@ test-latest: | $(UV) ## the unit suite against the newest versions pyproject.tom
 	.venv-latest/bin/pytest -m "not e2e"
 
 mutation: $(STAMP) ## mutation testing of the pure modules (MODULE=path, or all; default: those changed vs main; SAMPLE=n, AGAIN=1: survivors only); not in CI
-	$(PY) -m hack.mutation $(if $(SAMPLE),--sample $(SAMPLE)) $(if $(AGAIN),--again) $(MODULE)
+	$(PY) -m hack.mutation $(if $(SAMPLE),--sample $(SAMPLE) --seed $(or $(SEED),0)) $(if $(AGAIN),--again) $(MODULE)
 
 BENCH_STAMP := $(VENV)/.bench-installed-$(shell cat pyproject.toml uv.lock | sha256sum | cut -c1-12)
 $(BENCH_STAMP): $(STAMP)

@@ -37,6 +37,7 @@ GOAL = 85.0
 ALGORITHM_TESTS = (
     "tests/operator/test_autoscaler_algorithm.py",
     "tests/operator/test_autoscaler_pins.py",
+    "tests/operator/test_autoscaler_algorithm_pins.py",
     "-k",
     "not more_load_never_means_fewer_replicas and not result_never_leaves_min_max",
 )
@@ -183,14 +184,14 @@ def _skip_excluded(session: Path, module: str, exclusions: list[Exclusion]) -> i
     return skipped
 
 
-def _sample(session: Path, size: int) -> int:
+def _sample(session: Path, size: int, seed: int) -> int:
     """Leave a seeded random `size` of the pending mutants to run and skip the others; returns how many."""
     from cosmic_ray.work_db import WorkDB, use_db
     from cosmic_ray.work_item import WorkerOutcome, WorkResult
 
     with use_db(str(session), WorkDB.Mode.open) as db:
         pending = sorted(item.job_id for item in db.pending_work_items)
-        keep = set(random.Random(0).sample(pending, min(size, len(pending))))
+        keep = set(random.Random(seed).sample(pending, min(size, len(pending))))
         for job_id in pending:
             if job_id not in keep:
                 db.set_result(job_id, WorkResult(worker_outcome=WorkerOutcome.SKIPPED, output=UNSAMPLED))
@@ -249,7 +250,9 @@ def _score(session: Path, module: str) -> Score:
     return Score(module, killed, survived, skipped, timeouts, tuple(survivors), unsampled)
 
 
-def run_module(module: str, exclusions: list[Exclusion], sample: int | None = None, again: bool = False) -> Score:
+def run_module(
+    module: str, exclusions: list[Exclusion], sample: int | None = None, again: bool = False, seed: int = 0
+) -> Score:
     """Init a session in a scratch tree, skip the listed equivalents, run every mutant (or a sample), score it.
     `again`: keep the last session of an unchanged module and rerun only its survivors, against today's tests."""
     tree = SCRATCH / Path(module).stem
@@ -269,7 +272,7 @@ def run_module(module: str, exclusions: list[Exclusion], sample: int | None = No
         config = _write_config(tree, module, command, timeout)
         subprocess.run([*COSMIC, "init", str(config), str(session)], cwd=tree, check=True)
     skipped = _skip_excluded(session, module, exclusions)
-    unsampled = _sample(session, sample) if sample is not None and not again else 0
+    unsampled = _sample(session, sample, seed) if sample is not None and not again else 0
     print(f"{module}: {skipped} more excluded, {unsampled} not sampled", flush=True)
     subprocess.run(["nice", "-n", "19", *COSMIC, "exec", str(config), str(session)], cwd=tree, check=True)
     return _score(session, module)
@@ -296,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("modules", nargs="*", help="pure module paths; none: those changed against main; all: all")
     parser.add_argument("--sample", type=int, help="run a seeded random sample of this many mutants per module")
+    parser.add_argument("--seed", type=int, default=0, help="the sample's seed (a fresh sample after new tests)")
     parser.add_argument("--again", action="store_true", help="rerun only the last run's survivors (same module)")
     args = parser.parse_args(argv)
     modules = list(PURE_MODULES) if args.modules == ["all"] else (args.modules or changed_modules())
@@ -306,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         print("no pure module differs from main; name one (MODULE=...) or MODULE=all")
         return 0
     exclusions = read_exclusions()
-    scores = [run_module(m, exclusions, args.sample, args.again) for m in modules]
+    scores = [run_module(m, exclusions, args.sample, args.again, args.seed) for m in modules]
     report(scores)
     return 0
 

@@ -21,7 +21,6 @@ from pydantic.alias_generators import to_camel
 DEFAULT_TOLERANCE = 0.1
 DEFAULT_SCALE_UP_WINDOW_SECONDS = 0
 DEFAULT_SCALE_DOWN_WINDOW_SECONDS = 300
-DEFAULT_SYNC_PERIOD_SECONDS = 15.0
 
 
 class CamelModel(BaseModel):
