@@ -33,7 +33,7 @@ def test_a_scale_up_records_its_size_and_time_and_prunes_events_older_than_the_l
 
 def test_a_scale_down_records_its_size_and_time() -> None:
     d = run(config(behavior=NO_DOWN_WINDOW), observe(100.0, 4, [50.0] * 4), AutoscalerState())
-    assert d.desired_replicas == 2
+    assert (d.desired_replicas, d.reason) == (2, "ScaledDown")
     assert d.state.scale_down_events == (Timed(100.0, 2),)
     assert (d.state.last_scale_time, d.state.last_scale_down_time, d.state.last_scale_up_time) == (100.0, 100.0, None)
 
@@ -257,3 +257,60 @@ def test_recent_scale_ups_lower_where_a_scale_down_may_start_from() -> None:
     two = rules("down", ScalingPolicy(type=PolicyType.PODS, value=2, period_seconds=60))
     recent = (Timed(-10.0, 4),)  # 4 of the 10 were added 10 s ago
     assert scale_down_limit(current=10, now=0.0, up_events=recent, down_events=(), rules=two) == 4
+
+
+def test_window_tolerance_and_scale_down_window_bounds_are_where_the_api_says() -> None:
+    from modelfleet_operator.autoscaler.behavior import ScalingRules
+
+    assert ScalingRules(stabilization_window_seconds=3600, tolerance=1.0).tolerance == 1.0
+    with pytest.raises(ValidationError, match="stabilization_window_seconds"):
+        ScalingRules(stabilization_window_seconds=3601)
+    with pytest.raises(ValidationError, match="tolerance"):
+        ScalingRules(tolerance=1.5)
+    assert config(maxScaleDownWindowSeconds=0).max_scale_down_window_seconds == 0
+    assert config(maxScaleDownWindowSeconds=3600).max_scale_down_window_seconds == 3600
+    for bad in (-1, 3601):
+        with pytest.raises(ValidationError, match="maxScaleDownWindowSeconds"):
+            config(maxScaleDownWindowSeconds=bad)
+
+
+def test_a_desired_count_at_the_current_below_the_minimum_is_within_range() -> None:
+    from modelfleet_operator.autoscaler.behavior import PolicyType, ScalingPolicy, apply_rate_limits
+    from tests.operator.test_autoscaler_pins import rules
+
+    two = ScalingPolicy(type=PolicyType.PODS, value=2, period_seconds=60)
+    kw: dict[str, Any] = {
+        "now": 0.0,
+        "up_events": (),
+        "down_events": (),
+        "up": rules("up", two),
+        "down": rules("down", two),
+    }
+    assert apply_rate_limits(desired=2, current=2, min_replicas=5, max_replicas=20, **kw) == (2, "DesiredWithinRange")
+
+
+def test_unready_pods_count_as_idle_on_a_scale_up_and_can_cancel_it() -> None:
+    d = run(config(), observe(0.0, 4, [150.0, 150.0], unready=2))
+    qps = next(p for p in d.proposals if p.name == "qps")
+    assert (qps.replicas, qps.note) == (4, "0 missing, 2 not ready; within tolerance after filling in")
+
+
+def test_a_breach_while_pods_start_names_how_many_start() -> None:
+    cfg = config(targetQPSPerReplica=None, targetP99LatencyMilliseconds=50.0)
+    d = run(cfg, observe(1000.0, 2, [10.0], unready=1, p99_ms=500.0))
+    assert next(p.note for p in d.proposals if p.name == "p99") == "breach; waiting for 1 starting pods"
+
+
+def test_no_rate_means_nothing_learned() -> None:
+    m = update_capacity(
+        CapacityMemory(), now=0.0, qps_per_replica=None, p99_ratio=1.5, up_tolerance=0.1, forget_after=60.0
+    )
+    assert m == CapacityMemory()
+
+
+def test_a_small_load_that_moved_by_more_than_the_tolerance_is_not_steady() -> None:
+    cfg = config(targetQPSPerReplica=None, targetP99LatencyMilliseconds=50.0)
+    moved = run(cfg, observe(1000.0, 1, [0.58], p99_ms=500.0), AutoscalerState(last_load_qps=0.5))
+    assert moved.state.capacity == CapacityMemory()  # 16 % up: a burst, not a knee
+    steady = run(cfg, observe(1000.0, 1, [0.52], p99_ms=500.0), AutoscalerState(last_load_qps=0.5))
+    assert steady.state.capacity.breach_qps == pytest.approx(0.52)
