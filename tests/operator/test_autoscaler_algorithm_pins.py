@@ -99,6 +99,8 @@ def test_a_latency_probe_is_held_only_while_the_load_stays_within_the_tolerance(
     assert (held.desired_replicas, held.limit) == (8, "HeldAfterLatencyScaleUp")
     fallen = run(cfg, observe(100.0, 8, [40.0] * 8), probe)  # 320/s: the fleet is sized for less now
     assert fallen.desired_replicas == 4 and fallen.limit != "HeldAfterLatencyScaleUp"
+    ended = run(cfg, observe(90.0 + 300.0, 8, [47.5] * 8), probe)  # the hold lasts 300 s, not longer
+    assert ended.desired_replicas == 4 and ended.limit != "HeldAfterLatencyScaleUp"
 
 
 def test_rules_without_policies_have_no_period_to_count_events_over() -> None:
@@ -231,13 +233,14 @@ def test_every_p99_proposal_reports_its_target_in_milliseconds_even_without_a_re
     cfg = config(targetP99LatencyMilliseconds=50.0)
     missing = run(cfg, observe(0.0, 4, [10.0] * 4, latency_available=False))
     idle = run(cfg, observe(0.0, 4, [10.0] * 4))  # no p99: no requests in the window
-    for d, note in ((missing, "no pod could be read"), (idle, "no requests in the window")):
+    for d, note, replicas in ((missing, "no pod could be read", None), (idle, "no requests in the window", 0)):
         p99 = next(p for p in d.proposals if p.name == "p99")
-        assert (p99.target, p99.note) == (50.0, note)
+        assert (p99.target, p99.note, p99.replicas) == (50.0, note, replicas)
 
 
 def test_a_decision_says_whether_it_changes_the_count() -> None:
     assert run(config(), observe(0.0, 4, [150.0] * 4)).changed
+    assert run(config(behavior=NO_DOWN_WINDOW), observe(0.0, 4, [50.0] * 4)).changed
     assert not run(config(), observe(0.0, 4, [100.0] * 4)).changed
 
 
@@ -314,3 +317,38 @@ def test_a_small_load_that_moved_by_more_than_the_tolerance_is_not_steady() -> N
     assert moved.state.capacity == CapacityMemory()  # 16 % up: a burst, not a knee
     steady = run(cfg, observe(1000.0, 1, [0.52], p99_ms=500.0), AutoscalerState(last_load_qps=0.5))
     assert steady.state.capacity.breach_qps == pytest.approx(0.52)
+
+
+def test_max_and_min_replicas_name_themselves_when_they_bind_exactly_at_the_rate_limit() -> None:
+    from modelfleet_operator.autoscaler.behavior import PolicyType, ScalingPolicy, apply_rate_limits
+    from tests.operator.test_autoscaler_pins import rules
+
+    two = ScalingPolicy(type=PolicyType.PODS, value=2, period_seconds=60)
+    kw: dict[str, Any] = {
+        "now": 0.0,
+        "up_events": (),
+        "down_events": (),
+        "up": rules("up", two),
+        "down": rules("down", two),
+    }
+    assert apply_rate_limits(desired=30, current=10, min_replicas=1, max_replicas=12, **kw) == (12, "TooManyReplicas")
+    assert apply_rate_limits(desired=1, current=10, min_replicas=8, max_replicas=20, **kw) == (8, "TooFewReplicas")
+
+
+def test_a_percent_scale_up_policy_adds_that_share_rounded_up() -> None:
+    from modelfleet_operator.autoscaler.behavior import PolicyType, ScalingPolicy, scale_up_limit
+    from tests.operator.test_autoscaler_pins import rules
+
+    half = rules("up", ScalingPolicy(type=PolicyType.PERCENT, value=50, period_seconds=60))
+    assert scale_up_limit(current=300, now=0.0, up_events=(), down_events=(), rules=half) == 450
+
+
+def test_a_confirmed_overload_stops_at_max_replicas_and_says_so() -> None:
+    d = run(config(maxReplicas=5, targetP99LatencyMilliseconds=50.0), observe(1000.0, 2, [300.0] * 2, p99_ms=500.0))
+    assert (d.desired_replicas, d.limit) == (5, "TooManyReplicas")
+
+
+def test_a_scale_up_the_qps_signal_asks_as_much_as_latency_is_not_a_latency_probe() -> None:
+    d = run(config(targetP99LatencyMilliseconds=50.0), observe(1000.0, 4, [150.0] * 4, p99_ms=500.0))
+    assert [(p.name, p.replicas) for p in d.proposals] == [("qps", 6), ("p99", 6)]
+    assert (d.desired_replicas, d.state.latency_scale_up_time) == (6, None)
