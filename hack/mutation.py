@@ -66,6 +66,7 @@ PURE_MODULES: dict[str, tuple[str, ...]] = {
     "operator/modelfleet_operator/placement.py": ("tests/operator/test_placement.py",),
     "operator/modelfleet_operator/resources.py": (
         "tests/operator/test_resources.py",
+        "tests/operator/test_resources_pins.py",
         "tests/operator/test_reconcile.py",
     ),
 }

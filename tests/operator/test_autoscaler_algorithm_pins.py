@@ -99,7 +99,7 @@ def test_a_latency_probe_is_held_only_while_the_load_stays_within_the_tolerance(
     assert (held.desired_replicas, held.limit) == (8, "HeldAfterLatencyScaleUp")
     fallen = run(cfg, observe(100.0, 8, [40.0] * 8), probe)  # 320/s: the fleet is sized for less now
     assert fallen.desired_replicas == 4 and fallen.limit != "HeldAfterLatencyScaleUp"
-    ended = run(cfg, observe(90.0 + 300.0, 8, [47.5] * 8), probe)  # the hold lasts 300 s, not longer
+    ended = run(cfg, observe(90.0 + 301.0, 8, [47.5] * 8), probe)  # the hold lasts 300 s, not longer
     assert ended.desired_replicas == 4 and ended.limit != "HeldAfterLatencyScaleUp"
 
 
@@ -194,8 +194,8 @@ def test_the_knee_keeps_its_tightest_evidence_and_refreshes_it() -> None:
     breach = fold(CapacityMemory(), 80.0, 2.0, now=0.0)
     again = fold(breach, 80.0, 1.5, now=30.0)  # the same load breaching again: evidence refreshed
     assert (again.breach_qps, again.breach_time, again.breach_ratio) == (80.0, 30.0, 1.5)
-    healthy = fold(CapacityMemory(), 50.0, 0.5, now=0.0)
-    above = fold(healthy, 80.0, 2.0, now=10.0)  # a breach above the healthy load leaves it healthy
+    healthy = fold(CapacityMemory(), 50.0, 0.5, now=400.0)
+    above = fold(healthy, 80.0, 2.0, now=500.0)  # a breach above the healthy load leaves it healthy
     assert (above.healthy_qps, above.breach_qps) == (50.0, 80.0)
     lower = fold(fold(CapacityMemory(), 70.0, 0.6, now=0.0), 50.0, 0.5, now=10.0)
     assert (lower.healthy_qps, lower.healthy_time) == (70.0, 0.0)  # the highest healthy load is kept
@@ -352,3 +352,24 @@ def test_a_scale_up_the_qps_signal_asks_as_much_as_latency_is_not_a_latency_prob
     d = run(config(targetP99LatencyMilliseconds=50.0), observe(1000.0, 4, [150.0] * 4, p99_ms=500.0))
     assert [(p.name, p.replicas) for p in d.proposals] == [("qps", 6), ("p99", 6)]
     assert (d.desired_replicas, d.state.latency_scale_up_time) == (6, None)
+
+
+def test_a_healthy_load_is_remembered_up_to_the_memory_time_and_without_a_ratio_bounds_the_knee() -> None:
+    stale = CapacityMemory(breach_qps=100.0, breach_time=50.0, healthy_qps=95.0, healthy_time=0.0)
+    assert learned_capacity(stale, now=60.0, forget_after=60.0) == pytest.approx(95.0)  # exactly 60 s: kept
+    no_ratio = CapacityMemory(
+        breach_qps=100.0, breach_time=0.0, breach_ratio=2.0, healthy_qps=50.0, healthy_time=0.0, healthy_ratio=None
+    )
+    assert learned_capacity(no_ratio, now=1.0, forget_after=60.0) == pytest.approx(90.0)
+
+
+def test_a_ready_pod_without_a_rate_counts_as_starting() -> None:
+    cfg = config(targetQPSPerReplica=None, targetP99LatencyMilliseconds=50.0)
+    d = run(cfg, observe(1000.0, 3, [10.0, 10.0, None], p99_ms=500.0))
+    assert next(p.note for p in d.proposals if p.name == "p99") == "breach; waiting for 1 starting pods"
+
+
+def test_tolerance_and_the_start_up_factor_must_be_positive() -> None:
+    for field, bad in (("tolerance", -0.5), ("scaleDownWindowStartupFactor", 0.0)):
+        with pytest.raises(ValidationError, match=field):
+            config(**{field: bad})
