@@ -25,6 +25,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -262,7 +263,8 @@ def run_module(
         _refresh_tree(tree)
         with sqlite3.connect(session) as db:
             db.execute("DELETE FROM work_results WHERE test_outcome = 'SURVIVED'")
-        config = tree / "cosmic-ray.toml"
+        timeout = tomllib.loads((tree / "cosmic-ray.toml").read_text())["cosmic-ray"]["timeout"]
+        config = _write_config(tree, module, _test_command(module), timeout)  # today's test list
     else:
         if again:
             print(f"{module}: no session of this version of the module to rerun: a fresh run", flush=True)

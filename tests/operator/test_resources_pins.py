@@ -90,3 +90,15 @@ def test_the_template_hash_is_16_hex_characters_of_the_sorted_template() -> None
 def test_the_service_serves_rest_on_port_80() -> None:
     ports = build_service(model(), SETTINGS.serving_grpc_port)["spec"]["ports"]
     assert {"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"} in ports
+
+
+def test_pods_run_as_the_images_non_root_user_with_the_runtime_default_seccomp_profile() -> None:
+    for obj in (deployment(model()), job()):
+        pod = obj["spec"]["template"]["spec"]["securityContext"]
+        assert pod == {
+            "runAsNonRoot": True,
+            "runAsUser": 65532,
+            "runAsGroup": 65532,
+            "fsGroup": 65532,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        }
