@@ -21,6 +21,15 @@ from tests.operator.test_autoscaler_algorithm import config, observe, run
 NO_DOWN_WINDOW = {"scaleDown": {"stabilizationWindowSeconds": 0}}
 
 
+def two_pods_a_minute() -> dict[str, Any]:
+    """apply_rate_limits' keyword arguments at time 0 with no events: 2 pods per 60 s, up and down."""
+    from modelfleet_operator.autoscaler.behavior import PolicyType, ScalingPolicy
+    from tests.operator.test_autoscaler_pins import rules
+
+    two = ScalingPolicy(type=PolicyType.PODS, value=2, period_seconds=60)
+    return {"now": 0.0, "up_events": (), "down_events": (), "up": rules("up", two), "down": rules("down", two)}
+
+
 def test_a_scale_up_records_its_size_and_time_and_prunes_events_older_than_the_longest_period() -> None:
     old = (Timed(50.0, 1), Timed(60.0, 1), Timed(61.0, 1))  # at 75 the 15 s period keeps only what is after 60
     state = AutoscalerState(scale_up_events=old, scale_down_events=old, last_scale_time=10.0)
@@ -119,17 +128,9 @@ def test_a_percent_scale_down_policy_removes_that_share_of_the_replicas() -> Non
 
 
 def test_a_desired_count_at_the_current_or_at_the_limit_is_within_range() -> None:
-    from modelfleet_operator.autoscaler.behavior import PolicyType, ScalingPolicy, apply_rate_limits
-    from tests.operator.test_autoscaler_pins import rules
+    from modelfleet_operator.autoscaler.behavior import apply_rate_limits
 
-    two = ScalingPolicy(type=PolicyType.PODS, value=2, period_seconds=60)
-    kw: dict[str, Any] = {
-        "now": 0.0,
-        "up_events": (),
-        "down_events": (),
-        "up": rules("up", two),
-        "down": rules("down", two),
-    }
+    kw = two_pods_a_minute()
     assert apply_rate_limits(desired=10, current=10, min_replicas=1, max_replicas=8, **kw) == (10, "DesiredWithinRange")
     assert apply_rate_limits(desired=8, current=10, min_replicas=1, max_replicas=20, **kw) == (8, "DesiredWithinRange")
 
@@ -157,17 +158,9 @@ def test_stabilization_history_drops_recommendations_exactly_one_window_old() ->
 
 
 def test_a_desired_count_exactly_at_the_scale_up_limit_is_within_range() -> None:
-    from modelfleet_operator.autoscaler.behavior import PolicyType, ScalingPolicy, apply_rate_limits
-    from tests.operator.test_autoscaler_pins import rules
+    from modelfleet_operator.autoscaler.behavior import apply_rate_limits
 
-    two = ScalingPolicy(type=PolicyType.PODS, value=2, period_seconds=60)
-    kw: dict[str, Any] = {
-        "now": 0.0,
-        "up_events": (),
-        "down_events": (),
-        "up": rules("up", two),
-        "down": rules("down", two),
-    }
+    kw = two_pods_a_minute()
     assert apply_rate_limits(desired=12, current=10, min_replicas=1, max_replicas=20, **kw) == (
         12,
         "DesiredWithinRange",
@@ -278,17 +271,9 @@ def test_window_tolerance_and_scale_down_window_bounds_are_where_the_api_says() 
 
 
 def test_a_desired_count_at_the_current_below_the_minimum_is_within_range() -> None:
-    from modelfleet_operator.autoscaler.behavior import PolicyType, ScalingPolicy, apply_rate_limits
-    from tests.operator.test_autoscaler_pins import rules
+    from modelfleet_operator.autoscaler.behavior import apply_rate_limits
 
-    two = ScalingPolicy(type=PolicyType.PODS, value=2, period_seconds=60)
-    kw: dict[str, Any] = {
-        "now": 0.0,
-        "up_events": (),
-        "down_events": (),
-        "up": rules("up", two),
-        "down": rules("down", two),
-    }
+    kw = two_pods_a_minute()
     assert apply_rate_limits(desired=2, current=2, min_replicas=5, max_replicas=20, **kw) == (2, "DesiredWithinRange")
 
 
@@ -320,17 +305,9 @@ def test_a_small_load_that_moved_by_more_than_the_tolerance_is_not_steady() -> N
 
 
 def test_max_and_min_replicas_name_themselves_when_they_bind_exactly_at_the_rate_limit() -> None:
-    from modelfleet_operator.autoscaler.behavior import PolicyType, ScalingPolicy, apply_rate_limits
-    from tests.operator.test_autoscaler_pins import rules
+    from modelfleet_operator.autoscaler.behavior import apply_rate_limits
 
-    two = ScalingPolicy(type=PolicyType.PODS, value=2, period_seconds=60)
-    kw: dict[str, Any] = {
-        "now": 0.0,
-        "up_events": (),
-        "down_events": (),
-        "up": rules("up", two),
-        "down": rules("down", two),
-    }
+    kw = two_pods_a_minute()
     assert apply_rate_limits(desired=30, current=10, min_replicas=1, max_replicas=12, **kw) == (12, "TooManyReplicas")
     assert apply_rate_limits(desired=1, current=10, min_replicas=8, max_replicas=20, **kw) == (8, "TooFewReplicas")
 
