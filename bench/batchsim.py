@@ -3,9 +3,10 @@
 The server is reduced to what decides latency: Poisson arrivals of batch-1 requests, a FIFO queue, `instances`
 that each compute one batch at a time for `a + k*b` seconds (times a seeded log-normal jitter), and the
 batcher's dispatch rule: while an instance is free, send up to `limit` items once the queue holds `limit` or
-its oldest item has waited `delay`. The rule's limit and delay come from a fixed pair or from a `Tuner` fed,
-as in the server, every arrival and every batch's compute time. Arrival times come from the load generator's
-own `bench.loadgen.poisson_arrivals`. Same seed, same result, on any machine.
+its oldest item has waited `delay` (and, with a `Tuner` that shares the queue, no more than its share). The
+rule's limit and delay come from a fixed pair or from a `Tuner` fed, as in the server, every arrival and
+every batch's compute time. Arrival times come from the load generator's own `bench.loadgen.poisson_arrivals`.
+Same seed, same result, on any machine.
 """
 
 from __future__ import annotations
@@ -69,12 +70,13 @@ def simulate(
         else:
             timer = float("inf")
         while len(finishes) < instances and queue:
-            limit, delay = (max_batch_size, delay_s) if tuner is None else _tuned(tuner, now)
+            limit, delay, split, least = (max_batch_size, delay_s, 1, 1) if tuner is None else _tuned(tuner, now)
             limit = min(limit, max_batch_size)
             if len(queue) < limit and now < queue[0] + delay:
                 timer = queue[0] + delay
                 break
-            items = [queue.popleft() for _ in range(min(limit, len(queue)))]
+            take = min(limit, len(queue), max(least, -(-len(queue) // split)))
+            items = [queue.popleft() for _ in range(take)]
             seconds = (costs.a + costs.k * len(items)) * float(rng.lognormal(0.0, costs.jitter))
             if tuner is not None:
                 tuner.computed(len(items), seconds)
@@ -84,6 +86,6 @@ def simulate(
     return Outcome(p99_s=float(np.percentile(latencies, 99)), throughput=len(latencies) / max(now, 1e-9))
 
 
-def _tuned(tuner: Tuner, now: float) -> tuple[int, float]:
+def _tuned(tuner: Tuner, now: float) -> tuple[int, float, int, int]:
     choice = tuner.current(now)
-    return choice.limit, choice.delay_s
+    return choice.limit, choice.delay_s, choice.split, choice.least

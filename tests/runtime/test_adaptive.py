@@ -184,3 +184,25 @@ def test_the_closed_forms_agree_with_a_scan_of_every_size(seed: int) -> None:
     fits = largest_within(model, budget, top)
     keeping = [b for b in sizes if b > fits and utilization(model, rate, b, n) <= BUSY]
     assert smallest_keeping_up(model, rate, n, fits, top) == (keeping[0] if keeping else None)
+
+
+def test_where_batching_gains_little_the_queue_is_shared_among_the_instances() -> None:
+    from modelfleet_runtime.adaptive import KEEPS_UP
+
+    # 2 ms per batch, 8 ms per item: splitting 8 queued requests in two costs 2 ms and saves 32 ms of the
+    # later half's wait. A shared batch keeps at least the size that keeps up: at 190/s,
+    # 190 x (2/b + 8) ms / 2 <= 90 % needs b >= 1.7.
+    model = costs(2 * MS, 8 * MS)
+    shared = choose(model, 190.0, tuner(instances=2))
+    assert (shared.split, shared.least, shared.limit) == (2, 2, 6)
+    assert utilization(model, 190.0, shared.least, 2) <= KEEPS_UP < utilization(model, 190.0, 1, 2)
+    assert "shared among 2 instances" in shared.reason
+    assert choose(model, 20.0, tuner(instances=2)).least == 1
+
+
+def test_the_queue_is_not_shared_where_batches_gain_one_instance_or_nothing_keeps_up() -> None:
+    assert choose(costs(30 * MS, 4 * MS), 100.0, tuner(instances=2)).split == 1  # a >= k: one batch takes all
+    assert choose(costs(2 * MS, 8 * MS), 100.0, tuner(instances=1)).split == 1
+    # 2 x 32 / (2 + 256) ms = 248/s at most: at 260/s no batch keeps up, and every split batch's 2 ms is lost
+    overloaded = choose(costs(2 * MS, 8 * MS), 260.0, tuner(instances=2))
+    assert (overloaded.split, overloaded.least, overloaded.limit) == (1, 1, 32)

@@ -488,6 +488,47 @@ def test_thousands_of_queued_requests_all_get_their_own_answer(inline: bool) -> 
     asyncio.run(scenario())
 
 
+@pytest.mark.parametrize(("per_batch_ms", "second"), [(2.0, 4), (30.0, 8)], ids=["little gain", "large gain"])
+def test_a_tuned_batcher_shares_the_queue_between_instances_only_where_batching_gains_little(
+    per_batch_ms: float, second: int
+) -> None:
+    from modelfleet_runtime.adaptive import Tuner
+
+    gate = threading.Event()
+    sizes: list[int] = []
+
+    def double(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        sizes.append(len(inputs["x"]))
+        gate.wait(timeout=120)  # both instances stay busy until every request is queued
+        return {"y": inputs["x"] * 2}
+
+    async def scenario() -> None:
+        config = BatcherConfig(
+            max_batch_size=16, preferred_batch_sizes=frozenset(), max_queue_delay_s=0.0, max_queue_size=0,
+            instances=2, batched=True,
+        )  # fmt: skip
+        tuner = Tuner(max_batch_size=16, instances=2, target_s=1.0, max_delay_s=0.0)
+        for b in (1, 2, 4, 8):  # measured batches: `per_batch_ms` per batch, 8 ms per item
+            tuner.computed(b, (per_batch_ms + 8 * b) / 1000)
+        batcher = Batcher(infer=double, input_names=("x",), config=config, tuner=tuner)
+        first = batcher.submit({"x": np.zeros((1, 1), np.float32)}, 1, (), None)
+        await asyncio.sleep(0)  # the arrival's pump runs at the end of the loop iteration
+        assert batcher.busy == 1
+        rest = [batcher.submit({"x": np.full((1, 1), i, np.float32)}, 1, (), None) for i in range(1, 9)]
+        await asyncio.sleep(0)
+        assert (batcher.busy, batcher.queue_depth) == (2, 8 - second)
+        gate.set()
+        results = await asyncio.wait_for(asyncio.gather(first, *rest), timeout=120)
+        assert [float(r["y"][0, 0]) for r in results] == [2.0 * i for i in range(9)]
+        await batcher.close()
+
+    asyncio.run(scenario())
+    # The second instance takes its half of the 8 queued (the first's next batch takes the others) where a
+    # batch costs less than an item; where it costs more, one batch takes all 8.
+    assert sizes[:2] == [1, second]
+    assert sum(sizes) == 9
+
+
 # --- strict wire format: every mistake is InvalidInput, nothing is coerced ----------------------------------
 
 STRICT = settings(derandomize=True, max_examples=300, deadline=None)
