@@ -318,8 +318,9 @@ class Batcher:
     def _shared(self, count: int, choice: Choice | None) -> int:
         """At most `count` requests from the head, and no more than the choice's share of the queued items
         (but its `least`, and one request): adaptive batching's rule 3, so the next free instance takes the
-        rest."""
-        if choice is None or choice.split <= 1:
+        rest. Not while batches compute inline: there every batch runs on the one loop thread in turn."""
+        inline = self._config.inline if self._placement is None else self._placement.inline
+        if choice is None or choice.split <= 1 or inline:
             return count
         share = max(choice.least, -(-self._queued_items // choice.split))
         taken = total = 0

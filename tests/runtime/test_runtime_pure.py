@@ -529,6 +529,35 @@ def test_a_tuned_batcher_shares_the_queue_between_instances_only_where_batching_
     assert sum(sizes) == 9
 
 
+def test_an_inline_batcher_never_shares_the_queue() -> None:
+    """Inline, every batch runs on the one loop thread in turn: splitting the queue would only add batches."""
+    from modelfleet_runtime.adaptive import Tuner
+
+    sizes: list[int] = []
+
+    def double(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        sizes.append(len(inputs["x"]))
+        return {"y": inputs["x"] * 2}
+
+    async def scenario() -> None:
+        config = BatcherConfig(
+            max_batch_size=16, preferred_batch_sizes=frozenset(), max_queue_delay_s=0.0, max_queue_size=0,
+            instances=2, batched=True, inline=True,
+        )  # fmt: skip
+        tuner = Tuner(max_batch_size=16, instances=2, target_s=1.0, max_delay_s=0.0)
+        for b in (1, 2, 4, 8):  # 2 ms per batch, 8 ms per item: the executor would share
+            tuner.computed(b, (2 + 8 * b) / 1000)
+        assert tuner.current(0.0).split == 2
+        batcher = Batcher(infer=double, input_names=("x",), config=config, tuner=tuner)
+        futures = [batcher.submit({"x": np.full((1, 1), i, np.float32)}, 1, (), None) for i in range(8)]
+        results = await asyncio.wait_for(asyncio.gather(*futures), timeout=60)
+        assert [float(r["y"][0, 0]) for r in results] == [2.0 * i for i in range(8)]
+        await batcher.close()
+
+    asyncio.run(scenario())
+    assert sizes == [8]
+
+
 # --- strict wire format: every mistake is InvalidInput, nothing is coerced ----------------------------------
 
 STRICT = settings(derandomize=True, max_examples=300, deadline=None)
