@@ -250,10 +250,10 @@ class Batcher:
             if not item.future.done():
                 yield item.size, item.key
 
-    def _limits(self, now: float) -> tuple[int, float, Choice | None]:
-        """The batch limit and queue delay in force, and the tuner's choice they come from (else the config's)."""
+    def _limits(self, now: float) -> tuple[int, float]:
+        """The batch limit and queue delay in force: the tuner's current choice, else the config's."""
         if self._tuner is None:
-            return self._max, self._config.max_queue_delay_s, None
+            return self._max, self._config.max_queue_delay_s
         choice = self._tuner.current(now)
         if choice is not self._choice:
             if self._choice is None or choice.limit != self._choice.limit:
@@ -265,7 +265,7 @@ class Batcher:
                 )
             self._choice = choice
             self._observer.tuned(choice)
-        return min(choice.limit, self._max), choice.delay_s, choice
+        return min(choice.limit, self._max), choice.delay_s
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -293,7 +293,7 @@ class Batcher:
                 self._flush = False
                 return
             now = self._loop.time()
-            limit, delay_s, choice = self._limits(now)
+            limit, delay_s = self._limits(now)
             ready_at = self._queue[0].enqueued + delay_s
             count = plan_batch(
                 self._live(),
@@ -308,17 +308,18 @@ class Batcher:
                     self._timer = self._loop.call_at(ready_at, self._on_timer)
                     self._timer_at = ready_at
                 return
-            batch = self._take(self._shared(count, choice), now)
+            batch = self._take(self._shared(count), now)
             if batch and self._dispatch(batch) and self._queue:
                 # One inline batch per loop iteration: let the answers go out and new requests in
                 # before computing the next one.
                 self._loop.call_soon(self._pump)
                 return
 
-    def _shared(self, count: int, choice: Choice | None) -> int:
-        """At most `count` requests from the head, and no more than the choice's share of the queued items
+    def _shared(self, count: int) -> int:
+        """At most `count` requests from the head, and no more than the tuner's share of the queued items
         (but its `least`, and one request): adaptive batching's rule 3, so the next free instance takes the
         rest. Not while batches compute inline: there every batch runs on the one loop thread in turn."""
+        choice = self._choice  # the one `_limits` just put in force
         inline = self._config.inline if self._placement is None else self._placement.inline
         if choice is None or choice.split <= 1 or inline:
             return count

@@ -488,12 +488,24 @@ def test_thousands_of_queued_requests_all_get_their_own_answer(inline: bool) -> 
     asyncio.run(scenario())
 
 
+def _tuned_batcher(infer: InferFn, *, per_batch_ms: float, inline: bool) -> Batcher:
+    """A batcher on 2 instances whose tuner has measured batches of `per_batch_ms` per batch, 8 ms per item."""
+    from modelfleet_runtime.adaptive import Tuner
+
+    config = BatcherConfig(
+        max_batch_size=16, preferred_batch_sizes=frozenset(), max_queue_delay_s=0.0, max_queue_size=0,
+        instances=2, batched=True, inline=inline,
+    )  # fmt: skip
+    tuner = Tuner(max_batch_size=16, instances=2, target_s=1.0, max_delay_s=0.0)
+    for b in (1, 2, 4, 8):
+        tuner.computed(b, (per_batch_ms + 8 * b) / 1000)
+    return Batcher(infer=infer, input_names=("x",), config=config, tuner=tuner)
+
+
 @pytest.mark.parametrize(("per_batch_ms", "second"), [(2.0, 4), (30.0, 8)], ids=["little gain", "large gain"])
 def test_a_tuned_batcher_shares_the_queue_between_instances_only_where_batching_gains_little(
     per_batch_ms: float, second: int
 ) -> None:
-    from modelfleet_runtime.adaptive import Tuner
-
     gate = threading.Event()
     sizes: list[int] = []
 
@@ -503,14 +515,7 @@ def test_a_tuned_batcher_shares_the_queue_between_instances_only_where_batching_
         return {"y": inputs["x"] * 2}
 
     async def scenario() -> None:
-        config = BatcherConfig(
-            max_batch_size=16, preferred_batch_sizes=frozenset(), max_queue_delay_s=0.0, max_queue_size=0,
-            instances=2, batched=True,
-        )  # fmt: skip
-        tuner = Tuner(max_batch_size=16, instances=2, target_s=1.0, max_delay_s=0.0)
-        for b in (1, 2, 4, 8):  # measured batches: `per_batch_ms` per batch, 8 ms per item
-            tuner.computed(b, (per_batch_ms + 8 * b) / 1000)
-        batcher = Batcher(infer=double, input_names=("x",), config=config, tuner=tuner)
+        batcher = _tuned_batcher(double, per_batch_ms=per_batch_ms, inline=False)
         first = batcher.submit({"x": np.zeros((1, 1), np.float32)}, 1, (), None)
         await asyncio.sleep(0)  # the arrival's pump runs at the end of the loop iteration
         assert batcher.busy == 1
@@ -531,8 +536,6 @@ def test_a_tuned_batcher_shares_the_queue_between_instances_only_where_batching_
 
 def test_an_inline_batcher_never_shares_the_queue() -> None:
     """Inline, every batch runs on the one loop thread in turn: splitting the queue would only add batches."""
-    from modelfleet_runtime.adaptive import Tuner
-
     sizes: list[int] = []
 
     def double(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -540,15 +543,8 @@ def test_an_inline_batcher_never_shares_the_queue() -> None:
         return {"y": inputs["x"] * 2}
 
     async def scenario() -> None:
-        config = BatcherConfig(
-            max_batch_size=16, preferred_batch_sizes=frozenset(), max_queue_delay_s=0.0, max_queue_size=0,
-            instances=2, batched=True, inline=True,
-        )  # fmt: skip
-        tuner = Tuner(max_batch_size=16, instances=2, target_s=1.0, max_delay_s=0.0)
-        for b in (1, 2, 4, 8):  # 2 ms per batch, 8 ms per item: the executor would share
-            tuner.computed(b, (2 + 8 * b) / 1000)
-        assert tuner.current(0.0).split == 2
-        batcher = Batcher(infer=double, input_names=("x",), config=config, tuner=tuner)
+        batcher = _tuned_batcher(double, per_batch_ms=2.0, inline=True)  # the executor would share
+        assert batcher._tuner is not None and batcher._tuner.current(0.0).split == 2
         futures = [batcher.submit({"x": np.full((1, 1), i, np.float32)}, 1, (), None) for i in range(8)]
         results = await asyncio.wait_for(asyncio.gather(*futures), timeout=60)
         assert [float(r["y"][0, 0]) for r in results] == [2.0 * i for i in range(8)]
