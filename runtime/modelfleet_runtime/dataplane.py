@@ -274,17 +274,22 @@ class DataPlane:
             warmed += f" and batch {top} at the max shapes {dict(source.max_shapes)}"
         threshold_us = settings.inline_compute_microseconds
         under = compute_s * 1e6 < threshold_us
+        # The computing thread's CPU time is a batch's whole cost only where the model computes on it alone.
+        cpu_is_cost = backend.execution_provider.on_cpu and settings.intra_op_threads == 1
         if shapes_known(backend.inputs, source.max_shapes):
             placement = Placement(
                 threshold_s=threshold_us / 1e6,
                 promote_after=settings.inline_after_batches,
                 allowed=under,
                 trusted_elements=sum(int(array.size) for array in largest.values()) if under else 0,
+                cpu_is_cost=cpu_is_cost,
             )
             where = "inline on the event loop" if placement.inline else "in executor threads"
             timed = f"a full batch at the max shapes {shapes} computes in {compute_s * 1e6:.0f} us"
             return placement, f"{warmed}; {timed}, so batches run {where}"
-        placement = Placement(threshold_s=threshold_us / 1e6, promote_after=settings.inline_after_batches)
+        placement = Placement(
+            threshold_s=threshold_us / 1e6, promote_after=settings.inline_after_batches, cpu_is_cost=cpu_is_cost
+        )
         return placement, f"{warmed}; " + (
             f"dynamic axes have no max (warm-up shapes {shapes} compute in {compute_s * 1e6:.0f} us, which says "
             f"nothing of real requests), so batches start in executor threads and run inline only after "

@@ -195,8 +195,8 @@ class ServeSettings(BaseSettings):
         "on the event loop thread instead of an executor thread: for tiny models the thread handoff costs "
         "more than the compute. 0 = always use executor threads. Timed at the max shapes where they are known "
         "(the store's options.shapes, or `shapes`); with unknown dynamic axes batches start in executor threads "
-        "and go inline only after `inline_after_batches` real batches in a row computed under it. Either way a "
-        "batch that computes over it sends batches back to executor threads at once.",
+        "and go inline only after `inline_after_batches` real batches in a row computed under it. Either way two "
+        "batches in a row that compute over it send batches back to executor threads.",
     )
     inline_after_batches: int = Field(
         default=16,
