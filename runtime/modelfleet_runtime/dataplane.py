@@ -276,6 +276,7 @@ class DataPlane:
         under = compute_s * 1e6 < threshold_us
         # The computing thread's CPU time is a batch's whole cost only where the model computes on it alone.
         cpu_is_cost = backend.execution_provider.on_cpu and settings.intra_op_threads == 1
+        clock = "its thread's CPU time" if cpu_is_cost else "its wall time"
         if shapes_known(backend.inputs, source.max_shapes):
             placement = Placement(
                 threshold_s=threshold_us / 1e6,
@@ -286,14 +287,15 @@ class DataPlane:
             )
             where = "inline on the event loop" if placement.inline else "in executor threads"
             timed = f"a full batch at the max shapes {shapes} computes in {compute_s * 1e6:.0f} us"
-            return placement, f"{warmed}; {timed}, so batches run {where}"
+            return placement, f"{warmed}; {timed}, so batches run {where} (a batch's cost: {clock})"
         placement = Placement(
             threshold_s=threshold_us / 1e6, promote_after=settings.inline_after_batches, cpu_is_cost=cpu_is_cost
         )
         return placement, f"{warmed}; " + (
             f"dynamic axes have no max (warm-up shapes {shapes} compute in {compute_s * 1e6:.0f} us, which says "
             f"nothing of real requests), so batches start in executor threads and run inline only after "
-            f"{settings.inline_after_batches} real batches in a row compute under {threshold_us} us"
+            f"{settings.inline_after_batches} real batches in a row compute under {threshold_us} us (a batch's "
+            f"cost: {clock})"
         )
 
     async def _start_cache(self, source: ModelSource) -> None:

@@ -42,8 +42,11 @@ def test_a_bare_onnx_with_unknown_axes_starts_on_the_executor_and_a_large_batch_
         max_batch_size="8",
         inline_compute_microseconds=THRESHOLD_US,
         inline_after_batches="3",
+        intra_op_threads="2",
     )
     assert "dynamic axes have no max" in server.log() and "batches start in executor threads" in server.log()
+    # Two intra-op threads: the calling thread's CPU time is not the whole compute, so wall time decides.
+    assert "(a batch's cost: its wall time)" in server.log()
     assert server.metric(GAUGE) == 0
     # Warm-up at n = 1 costs microseconds; this costs tens of milliseconds, and must not run on the loop.
     infer(server, 2, 512)
@@ -103,7 +106,7 @@ def test_known_shapes_warm_up_at_opt_and_max_and_decide_from_the_max(
     timed = f"a full batch at the max shapes {{'x': [8, {max_n}, {max_n}]}} computes in"
     assert f"{warmed} {{'x': [{max_n}, {max_n}]}}; {timed}" in log
     where = "inline on the event loop" if inline else "in executor threads"
-    assert f"so batches run {where}" in log
+    assert f"so batches run {where} (a batch's cost: its thread's CPU time)" in log  # 1 intra-op thread
     assert server.metric(GAUGE) == (1 if inline else 0)
     infer(server, 8, max_n)
     assert placements(server) == ((1, 0) if inline else (0, 1))
