@@ -6,7 +6,18 @@ import math
 
 import pytest
 
-from modelfleet_runtime.adaptive import FORGET, RATE_TAU_S, CostModel, RateMeter, Tuner, changed, choose, utilization
+from modelfleet_runtime.adaptive import (
+    BUSY,
+    FORGET,
+    RATE_TAU_S,
+    SPARE_SHARE,
+    CostModel,
+    RateMeter,
+    Tuner,
+    changed,
+    choose,
+    utilization,
+)
 
 MS = 1e-3
 
@@ -103,10 +114,23 @@ def test_overload_takes_the_fastest_draining_batch() -> None:
 
 
 def test_the_limit_grows_only_as_far_as_the_load_needs() -> None:
+    # 30 ms per batch, 4 ms per item: a larger batch frees much time. Batches of 5 fit the target (50 ms); at
+    # 150/s they keep 2 instances 75 % busy, at 170/s 85 %: 170 x (30/b + 4) ms / 2 <= 80 % needs b >= 5.5.
+    gain = costs(30 * MS, 4 * MS)
+    assert choose(gain, 150.0, tuner()).limit == 5
+    assert choose(gain, 170.0, tuner()).limit == 6
+
+
+def test_where_batching_gains_little_the_limit_grows_only_for_time_it_frees() -> None:
+    # 3 ms per batch, 4 ms per item. At 390/s batches of 11 (47 ms) keep 2 instances 83 % busy, the max batch
+    # 80 %: over BUSY, yet 11 keeps 84 % of the max batch's spare time (at least SPARE_SHARE), so it stays.
     model = costs(3 * MS, 4 * MS)
-    assert choose(model, 350.0, tuner(top=32)).limit == 11  # 350/s x 47 ms / (2 x 11) = 75 % busy
-    # 390/s keep batches of 11 84 % busy; 390 x (3 + 4b) ms / 2b <= 80 % needs b >= 29.25
-    assert choose(model, 390.0, tuner(top=32)).limit == 30
+    assert utilization(model, 390.0, 11, 2) > BUSY
+    assert choose(model, 390.0, tuner(top=32)).limit == 11
+    # At 440/s: 94 % against 90 %. Keeping 70 % of the spare time means at most 93.04 % busy: b >= 13.1.
+    spare = 1 - utilization(model, 440.0, 32, 2)
+    assert utilization(model, 440.0, 13, 2) > 1 - SPARE_SHARE * spare >= utilization(model, 440.0, 14, 2)
+    assert choose(model, 440.0, tuner(top=32)).limit == 14
 
 
 def test_a_batch_too_slow_for_the_target_is_limited_to_one_request() -> None:
@@ -173,7 +197,7 @@ def test_a_meter_started_under_load_reads_the_load_at_once() -> None:
 def test_the_closed_forms_agree_with_a_scan_of_every_size(seed: int) -> None:
     import numpy as np
 
-    from modelfleet_runtime.adaptive import BUSY, largest_within, smallest_keeping_up
+    from modelfleet_runtime.adaptive import largest_within, smallest_keeping_up
 
     rng = np.random.default_rng(seed)
     a, k, rate = rng.uniform(0, 20) * MS, rng.uniform(0.01, 10) * MS, rng.uniform(1, 2000)
