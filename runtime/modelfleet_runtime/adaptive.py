@@ -17,7 +17,7 @@ The rules, in order:
    transformer on CPU) a larger batch frees little time while every request in it waits for all of it, so
    the limit stays near the target's batch until close to capacity (MiniLM-like 1.5 + 8b ms on 2 instances,
    simulated: p99 at 200/s 76 ms against 94 ms for growing at `BUSY` alone, 11 of 12 seeds within 100 ms
-   against 6). A backlog alone does not raise the limit: the spare capacity leaves drains a burst, while a
+   against 6). A backlog alone does not raise the limit: the spare capacity drains a burst, while a
    limit raised for it makes batches that take longer, so more queue behind them and keep the limit up;
 2. **delay**: none while single requests keep up (utilization of batch-1 dispatch under `COMFORTABLE`):
    any wait is then pure latency. Otherwise wait up to the time the arrivals need to fill the limit, but at
@@ -201,7 +201,8 @@ def choose(costs: CostModel, rate: float, tuner: Tuner) -> Choice:
     spare = 1 - utilization(costs, rate, top, n)  # the time the max batch would leave the instances
     busy = max(BUSY, 1 - SPARE_SHARE * spare)
     if limit < top and utilization(costs, rate, limit, n) > busy:
-        enough = smallest_keeping_up(costs, rate, n, limit, top, busy=busy) if spare > 0 else None
+        # Past capacity (spare <= 0) `busy` is under the max batch's own utilization: none keeps up, so top.
+        enough = smallest_keeping_up(costs, rate, n, limit, top, busy=busy)
         limit = enough if enough is not None else top
         why = f"at {rate:.0f}/s batches within the target would keep the instances over {busy:.0%} busy: {limit}"
     split, least = sharing(costs, rate, n, top)

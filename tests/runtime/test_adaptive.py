@@ -123,7 +123,7 @@ def test_the_limit_grows_only_as_far_as_the_load_needs() -> None:
 
 def test_where_batching_gains_little_the_limit_grows_only_for_time_it_frees() -> None:
     # 3 ms per batch, 4 ms per item. At 390/s batches of 11 (47 ms) keep 2 instances 83 % busy, the max batch
-    # 80 %: over BUSY, yet 11 keeps 84 % of the max batch's spare time (at least SPARE_SHARE), so it stays.
+    # 80 %: over BUSY, yet 11 keeps 83 % of the max batch's spare time (at least SPARE_SHARE), so it stays.
     model = costs(3 * MS, 4 * MS)
     assert utilization(model, 390.0, 11, 2) > BUSY
     assert choose(model, 390.0, tuner(top=32)).limit == 11
@@ -208,6 +208,10 @@ def test_the_closed_forms_agree_with_a_scan_of_every_size(seed: int) -> None:
     fits = largest_within(model, budget, top)
     keeping = [b for b in sizes if b > fits and utilization(model, rate, b, n) <= BUSY]
     assert smallest_keeping_up(model, rate, n, fits, top) == (keeping[0] if keeping else None)
+    # Rule 1's threshold: short of capacity the max batch always keeps it, past capacity no batch does.
+    spare = 1 - utilization(model, rate, top, n)
+    busy = max(BUSY, 1 - SPARE_SHARE * spare)
+    assert (smallest_keeping_up(model, rate, n, 0, top, busy=busy) is None) == (spare <= 0)
 
 
 def test_where_batching_gains_little_the_queue_is_shared_among_the_instances() -> None:
